@@ -1,0 +1,549 @@
+""" DynaMixer
+
+A PyTorch implementation of `DynaMixer: A Vision MLP Architecture with Dynamic Mixing`
+    - https://arxiv.org/abs/2201.12083 (Wang, Jiang, Zhu, Yuan, Song, Liu, ICML 2022)
+
+DynaMixer mixes tokens along image rows and columns with N x N matrices that are *generated from the
+content of the tokens being mixed*: channels are compressed to a tiny dimension d, the compressed line is
+flattened and a shared linear layer turns it into one mixing matrix per channel segment.
+
+Beyond the paper (whose official code only runs at 224 x 224):
+    * builds for any ``img_size`` (non-square too), with the right line length per stage;
+    * ``dynamic_img_size=True`` runs at any input size without rebuilding, mixing in windows of the
+      trained line length (lines padded and masked where they do not fill a window);
+    * checkpoints trained at one size load into a model built for another (see ``dynamixer.convert``);
+    * the paper's ablation knobs (generation strategy, segments, reduced dim, row/column sharing, fusion)
+      are constructor arguments of every variant.
+
+Parameter names are our own; ``dynamixer.convert_official_state_dict`` maps official checkpoints onto them.
+"""
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+__all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'GENERATION_STRATEGIES', 'FUSIONS']
+
+GENERATION_STRATEGIES = ('dynamic', 'static', 'dense')
+FUSIONS = ('reweight', 'sum')
+
+
+def _per_stage(value: Union[Any, Sequence[Any]], num_stages: int, name: str) -> Tuple[Any, ...]:
+    """Accept one value for all stages or one per stage."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_stages:
+            raise ValueError(f'{name} has {len(value)} entries but the model has {num_stages} stages; '
+                             f'give one value or one per stage.')
+        return tuple(value)
+    return (value,) * num_stages
+
+
+class DynaMixerOp(nn.Module):
+    """Mixes the N tokens of each line with one N x N matrix per channel segment.
+
+    Input ``(L, N, C)`` (L lines of N tokens), output the same shape. ``generation`` picks how the
+    matrices are made: ``dynamic`` (the paper: from the whole line), ``static`` (learned, input-independent)
+    or ``dense`` (each output token's row from that token alone).
+
+    The ``generate`` layer's outputs are laid out output-token-major, so that ``G.view(N_out, N_in)`` is
+    softmax-normalised over contiguous memory (the official layout is input-major; the converter permutes).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            seq_len: int,
+            num_segments: int = 8,
+            reduced_dim: int = 2,
+            generation: str = 'dynamic',
+    ):
+        super().__init__()
+        if generation not in GENERATION_STRATEGIES:
+            raise ValueError(f'generation must be one of {GENERATION_STRATEGIES}, got {generation!r}.')
+        if dim % num_segments:
+            raise ValueError(f'width {dim} is not divisible by num_segments={num_segments}; '
+                             f'choose a number of segments that divides the width.')
+        self.dim = dim
+        self.seq_len = seq_len
+        self.num_segments = num_segments
+        self.reduced_dim = reduced_dim
+        self.generation = generation
+        if generation == 'static':
+            self.compress = None
+            self.logits = nn.Parameter(torch.zeros(num_segments, seq_len, seq_len))
+            trunc_normal_(self.logits, std=.02)
+        else:
+            self.compress = nn.Linear(dim, num_segments * reduced_dim)
+            in_features = seq_len * reduced_dim if generation == 'dynamic' else reduced_dim
+            out_features = seq_len * seq_len if generation == 'dynamic' else seq_len
+            self.generate = nn.Linear(in_features, out_features)
+        self.proj = nn.Linear(dim, dim)
+
+    def mixing_logits(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Un-normalised mixing matrices, ``(L, S, N_out, N_in)``."""
+        L, N, _ = x.shape
+        S, d = self.num_segments, self.reduced_dim
+        if self.compress is None:
+            return self.logits.unsqueeze(0).expand(L, -1, -1, -1)
+        z = self.compress(x)
+        if valid is not None:
+            z = z * valid.unsqueeze(-1).to(z.dtype)  # padding contributes nothing to generation
+        z = z.view(L, N, S, d).transpose(1, 2)  # (L, S, N, d)
+        if self.generation == 'dynamic':
+            return self.generate(z.reshape(L, S, N * d)).view(L, S, N, N)
+        return self.generate(z)  # dense: row j of the matrix from token j only
+
+    def mixing_matrix(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Row-stochastic mixing matrices P, ``(L, S, N_out, N_in)``: output token j = sum_i P[j, i] x_i."""
+        logits = self.mixing_logits(x, valid)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :], float('-inf'))
+        return logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        L, N, C = x.shape
+        if N != self.seq_len:
+            raise ValueError(f'this mixing op was built for lines of {self.seq_len} tokens but got {N}; '
+                             f'build the model for this input size or use dynamic_img_size=True.')
+        S = self.num_segments
+        mix = self.mixing_matrix(x, valid)
+        x = mix @ x.view(L, N, S, C // S).transpose(1, 2)  # (L, S, N, C/S)
+        x = x.transpose(1, 2).reshape(L, N, C)
+        return self.proj(x)
+
+
+def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> torch.Tensor:
+    """Apply ``op`` to lines of any length: windows of the op's length, the last one padded and masked."""
+    L, n, C = lines.shape
+    N = op.seq_len
+    if n == N:
+        return op(lines)
+    if not allow_windows:
+        raise ValueError(f'lines of {n} tokens reached a mixing op built for {N}; '
+                         f'build the model for this input size or use dynamic_img_size=True.')
+    num_windows = (n + N - 1) // N
+    padded = num_windows * N
+    lines = F.pad(lines, (0, 0, 0, padded - n)).reshape(L * num_windows, N, C)
+    valid = torch.arange(padded, device=lines.device) < n
+    valid = valid.view(1, num_windows, N).expand(L, -1, -1).reshape(L * num_windows, N)
+    out = op(lines, valid)
+    return out.view(L, padded, C)[:, :n]
+
+
+class DynaMixerTokenMixer(nn.Module):
+    """Row, column and channel branches on an NHWC map, fused per channel (ViP-style re-weighting)."""
+
+    def __init__(
+            self,
+            dim: int,
+            line_lengths: Tuple[int, int],
+            num_segments: int = 8,
+            reduced_dim: int = 2,
+            generation: str = 'dynamic',
+            share_row_col: bool = False,
+            fusion: str = 'reweight',
+            dynamic_size: bool = False,
+            proj_drop: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+    ):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}.')
+        height, width = line_lengths
+        if share_row_col and height != width:
+            raise ValueError(f'share_row_col needs rows and columns of the same length, got {height} x {width} '
+                             f'tokens; use a square img_size or share_row_col=False.')
+        self.fusion = fusion
+        self.dynamic_size = dynamic_size
+        op = partial(DynaMixerOp, dim, num_segments=num_segments, reduced_dim=reduced_dim, generation=generation)
+        self.row_mix = op(width)
+        self.col_mix = None if share_row_col else op(height)
+        self.channel_mix = nn.Linear(dim, dim, bias=False)
+        self.reweight = Mlp(dim, dim // 4, dim * 3, act_layer=act_layer) if fusion == 'reweight' else None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def column_op(self) -> DynaMixerOp:
+        return self.row_mix if self.col_mix is None else self.col_mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        rows = _mix_lines(self.row_mix, x.reshape(B * H, W, C), self.dynamic_size).view(B, H, W, C)
+        cols = _mix_lines(self.column_op, x.transpose(1, 2).reshape(B * W, H, C), self.dynamic_size)
+        cols = cols.view(B, W, H, C).transpose(1, 2)
+        chans = self.channel_mix(x)
+        if self.reweight is None:
+            x = rows + cols + chans
+        else:
+            weights = (rows + cols + chans).mean(dim=(1, 2))
+            weights = self.reweight(weights).view(B, C, 3).softmax(dim=-1)  # per channel, over 3 branches
+            weights = weights[:, None, None, :, :]  # branch order (column, row, channel) as in the official code
+            x = cols * weights[..., 0] + rows * weights[..., 1] + chans * weights[..., 2]
+        return self.proj_drop(self.proj(x))
+
+
+class MixerLayer(nn.Module):
+    """Pre-norm residual layer: token mixing, then channel MLP."""
+
+    def __init__(
+            self,
+            dim: int,
+            line_lengths: Tuple[int, int],
+            mlp_ratio: float = 3.,
+            drop_path: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            act_layer: Type[nn.Module] = nn.GELU,
+            **mixer_kwargs,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.token_mixer = DynaMixerTokenMixer(
+            dim, line_lengths, proj_drop=proj_drop, act_layer=act_layer, **mixer_kwargs)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.token_mixer(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class Downsample(nn.Module):
+    """Strided conv between stages, on NHWC maps (stride 2 to halve the grid, 1 to change width only)."""
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] < self.stride or x.shape[2] < self.stride:
+            raise ValueError(f'the feature map ({x.shape[1]} x {x.shape[2]} tokens) is too small to downsample '
+                             f'by {self.stride}; use a larger input image.')
+        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class DynaMixerStage(nn.Module):
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            stride: int,
+            depth: int,
+            line_lengths: Tuple[int, int],
+            drop_path_rates: Sequence[float],
+            **layer_kwargs,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = Downsample(in_dim, dim, stride) if stride > 1 or in_dim != dim else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            MixerLayer(dim, line_lengths, drop_path=drop_path_rates[i], **layer_kwargs) for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class DynaMixer(nn.Module):
+    """DynaMixer network: patch embedding, four stages of mixer layers, norm, pooled linear head.
+
+    Args:
+        img_size: input size the model is built for (int or (H, W)); sets the line length of every stage.
+        patch_size: patch embedding kernel and stride (7 in the paper).
+        depths, embed_dims: layers and width per stage.
+        stage_strides: 2 where a stage starts by halving the grid (the paper's "transition").
+        num_segments: S, the number of channel segments with their own mixing matrix (per stage or one).
+        reduced_dims: d, channels per segment fed to the generator (per stage or one).
+        generation: 'dynamic' (paper), 'static' (learned fixed matrices) or 'dense' (per-token rows).
+        share_row_col: one mixing op for rows and columns.
+        fusion: 'reweight' (official, per-channel softmax over branches) or 'sum' (paper's pseudo-code).
+        dynamic_img_size: accept any input size, mixing in windows of the built line length.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 7,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Sequence[int] = (4, 3, 8, 3),
+            embed_dims: Sequence[int] = (192, 384, 384, 384),
+            stage_strides: Sequence[int] = (1, 2, 1, 1),
+            num_segments: Union[int, Sequence[int]] = (8, 16, 16, 16),
+            reduced_dims: Union[int, Sequence[int]] = 2,
+            mlp_ratios: Union[float, Sequence[float]] = 3.,
+            generation: str = 'dynamic',
+            share_row_col: bool = False,
+            fusion: str = 'reweight',
+            dynamic_img_size: bool = False,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            act_layer: Type[nn.Module] = nn.GELU,
+    ):
+        super().__init__()
+        if global_pool not in ('', 'avg'):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}.")
+        num_stages = len(depths)
+        embed_dims = _per_stage(embed_dims, num_stages, 'embed_dims')
+        stage_strides = _per_stage(stage_strides, num_stages, 'stage_strides')
+        num_segments = _per_stage(num_segments, num_stages, 'num_segments')
+        reduced_dims = _per_stage(reduced_dims, num_stages, 'reduced_dims')
+        mlp_ratios = _per_stage(mlp_ratios, num_stages, 'mlp_ratios')
+        self.img_size = to_2tuple(img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.dynamic_img_size = dynamic_img_size
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+
+        self.stem = PatchEmbed(
+            img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dims[0],
+            flatten=False, output_fmt='NHWC', strict_img_size=False)
+        grid = tuple(s // patch_size for s in self.img_size)
+        if min(grid) < 1:
+            raise ValueError(f'img_size {self.img_size} is smaller than one patch of {patch_size}; '
+                             f'use img_size >= patch_size.')
+
+        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        dpr = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(num_stages)]
+        stages = []
+        self.feature_info = []
+        in_dim, reduction = embed_dims[0], patch_size
+        for i in range(num_stages):
+            if stage_strides[i] > 1:
+                grid = tuple(g // stage_strides[i] for g in grid)
+                reduction *= stage_strides[i]
+                if min(grid) < 1:
+                    raise ValueError(f'img_size {self.img_size} leaves no tokens in stage {i}; use a larger img_size '
+                                     f'or fewer downsampling stages.')
+            stages.append(DynaMixerStage(
+                in_dim, embed_dims[i], stage_strides[i], depths[i], grid, dpr[i],
+                mlp_ratio=mlp_ratios[i], num_segments=num_segments[i], reduced_dim=reduced_dims[i],
+                generation=generation, share_row_col=share_row_col, fusion=fusion,
+                dynamic_size=dynamic_img_size, proj_drop=proj_drop_rate, norm_layer=norm_layer,
+                act_layer=act_layer))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
+            in_dim = embed_dims[i]
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('', 'avg'):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}.")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError that says what to do, instead of a shape error from deep inside."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f'expected images shaped (batch, {self.in_chans}, H, W), got {tuple(x.shape)}; '
+                             f'convert the images to {self.in_chans} channels or build with in_chans={x.shape[1]}.')
+        if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size:
+            h, w = self.img_size
+            raise ValueError(f'this model was built for {h}x{w} inputs but got {x.shape[-2]}x{x.shape[-1]}; '
+                             f'resize the input to {h}x{w}, build with img_size={tuple(x.shape[-2:])}, '
+                             f'or pass dynamic_img_size=True.')
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features after each chosen stage (NCHW or NHWC), optionally with the final normed features."""
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}.")
+        self.check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if not stop_early or torch.jit.is_scripting() else self.stages[:max_index + 1]
+        intermediates = []
+        x = self.stem(x)
+        last = len(self.stages) - 1
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed NHWC features of the last stage."""
+        self.check_input(x)
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DynaMixer) -> Dict[str, torch.Tensor]:
+    """timm's hook for pretrained loading: official layouts, other input sizes and mismatches handled."""
+    from dynamixer.convert import adapt_state_dict
+    return adapt_state_dict(state_dict, model)
+
+
+def _create_dynamixer(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        DynaMixer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.proj', 'classifier': 'head', 'license': 'mit',
+        'paper_ids': 'arXiv:2201.12083', 'paper_name': 'DynaMixer: A Vision MLP Architecture with Dynamic Mixing',
+        **kwargs,
+    }
+
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+# Architectures in one place. S/M/L are the paper's (224 x 224); the cifar ones are ours, for 32 x 32 images.
+MODEL_ARGS: Dict[str, Dict[str, Any]] = {
+    'dynamixer_s': dict(
+        depths=(4, 3, 8, 3), embed_dims=(192, 384, 384, 384), stage_strides=(1, 2, 1, 1),
+        num_segments=(8, 16, 16, 16), reduced_dims=2),
+    'dynamixer_m': dict(
+        depths=(4, 3, 14, 3), embed_dims=(256, 256, 512, 512), stage_strides=(1, 1, 2, 1),
+        num_segments=(8, 8, 16, 16), reduced_dims=2),
+    'dynamixer_l': dict(
+        depths=(8, 8, 16, 4), embed_dims=(256, 512, 512, 512), stage_strides=(1, 2, 1, 1),
+        num_segments=(8, 16, 16, 16), reduced_dims=8),
+    'dynamixer_cifar_t': dict(
+        img_size=32, patch_size=2, depths=(2, 2, 4, 2), embed_dims=(64, 128, 128, 128),
+        stage_strides=(1, 2, 1, 1), num_segments=(4, 8, 8, 8), reduced_dims=2),
+    'dynamixer_cifar_s': dict(
+        img_size=32, patch_size=2, depths=(2, 2, 6, 2), embed_dims=(96, 192, 192, 192),
+        stage_strides=(1, 2, 1, 1), num_segments=(8, 16, 16, 16), reduced_dims=2),
+}
+
+_CIFAR_CFG = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD)
+default_cfgs = generate_default_cfgs({
+    'dynamixer_s.untrained': _cfg(),
+    'dynamixer_m.untrained': _cfg(),
+    'dynamixer_l.untrained': _cfg(crop_pct=.875),
+    'dynamixer_cifar_t.untrained': _cfg(**_CIFAR_CFG),
+    'dynamixer_cifar_s.untrained': _cfg(**_CIFAR_CFG),
+})
+
+
+def _build(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> DynaMixer:
+    return _create_dynamixer(variant, pretrained=pretrained, **dict(MODEL_ARGS[variant], **kwargs))
+
+
+@register_model
+def dynamixer_s(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """DynaMixer-S: 26.3M params, 7.3 GMACs at 224, 82.7% ImageNet top-1 in the paper."""
+    return _build('dynamixer_s', pretrained, kwargs)
+
+
+@register_model
+def dynamixer_m(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """DynaMixer-M: 57.1M params, 17.0 GMACs at 224, 83.7% ImageNet top-1 in the paper."""
+    return _build('dynamixer_m', pretrained, kwargs)
+
+
+@register_model
+def dynamixer_l(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """DynaMixer-L: 97.8M params, 27.3 GMACs at 224, 84.3% ImageNet top-1 in the paper."""
+    return _build('dynamixer_l', pretrained, kwargs)
+
+
+@register_model
+def dynamixer_cifar_t(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """Tiny DynaMixer for 32 x 32 images (patch 2), for CPU-scale training and ablations."""
+    return _build('dynamixer_cifar_t', pretrained, kwargs)
+
+
+@register_model
+def dynamixer_cifar_s(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """Small DynaMixer for 32 x 32 images (patch 2)."""
+    return _build('dynamixer_cifar_s', pretrained, kwargs)
