@@ -5,10 +5,8 @@ generated mixing matrix input-token-major. Ours names stages and branches and la
 (so the softmax runs over contiguous memory). A DynaMixer's generation weights are sized by the line length N,
 so a model trained at one resolution is resampled to another by interpolating them over their token axes.
 """
-import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -121,7 +119,7 @@ def official_config_to_kwargs(config: Mapping[str, Any]) -> Dict[str, Any]:
     )
 
 
-def _line_length(op: DynaMixerOp, tensor: torch.Tensor, leaf: str) -> int:
+def _line_length(op: DynaMixerOp, tensor: torch.Tensor) -> int:
     """The line length N that produced a checkpoint's generation tensor."""
     if op.generation == 'static':
         return tensor.shape[-1]
@@ -166,12 +164,13 @@ def adapt_state_dict(state_dict: Mapping[str, Any], model: DynaMixer) -> Dict[st
     for prefix, module in model.named_modules():
         if not isinstance(module, DynaMixerOp):
             continue
+        own = module.state_dict()
         for leaf in ('logits', 'generate.weight', 'generate.bias'):
             key = f'{prefix}.{leaf}'
-            if key in state_dict and state_dict[key].shape != module.state_dict()[leaf].shape:
-                if state_dict[key].ndim != module.state_dict()[leaf].ndim:
-                    continue  # not the same generation strategy: reported below
-                if _line_length(module, state_dict[key], leaf) != module.seq_len:
+            if key not in state_dict or leaf not in own or state_dict[key].shape == own[leaf].shape:
+                continue
+            if state_dict[key].ndim == own[leaf].ndim:  # else another generation strategy: reported below
+                if _line_length(module, state_dict[key]) != module.seq_len:
                     state_dict[key] = resample_op_state(
                         state_dict[key], leaf.split('.')[-1], module.generation, module.seq_len)
     expected = model.state_dict()

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -220,6 +220,19 @@ class MixerLayer(nn.Module):
         return x
 
 
+class Stem(nn.Module):
+    """Non-overlapping patch embedding to an NHWC map; edge pixels that do not fill a patch are dropped, as a
+    strided conv does (timm's PatchEmbed insists on divisible sizes, which any-size inputs cannot promise)."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
 class Downsample(nn.Module):
     """Strided conv between stages, on NHWC maps (stride 2 to halve the grid, 1 to change width only)."""
 
@@ -315,9 +328,7 @@ class DynaMixer(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
 
-        self.stem = PatchEmbed(
-            img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dims[0],
-            flatten=False, output_fmt='NHWC', strict_img_size=False)
+        self.stem = Stem(in_chans, embed_dims[0], patch_size)
         grid = tuple(s // patch_size for s in self.img_size)
         if min(grid) < 1:
             raise ValueError(f'img_size {self.img_size} is smaller than one patch of {patch_size}; '

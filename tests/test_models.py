@@ -1,0 +1,514 @@
+"""The model library: exact to the official architecture, timm-native, any input size, clear errors.
+
+The timm API checks mirror timm's own tests/test_models.py.
+"""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import dynamixer
+from dynamixer.convert import adapt_state_dict, convert_official_state_dict, resample_op_state
+from dynamixer.models import DynaMixer, DynaMixerOp
+
+torch.manual_seed(0)
+
+# A small model with the structure of the official ones: four stages, a stride-2 transition.
+TINY = dict(img_size=56, patch_size=7, depths=(1, 1, 2, 1), embed_dims=(16, 32, 32, 32),
+            stage_strides=(1, 2, 1, 1), num_segments=(4, 8, 8, 8), reduced_dims=2, num_classes=5)
+
+
+def tiny(**kwargs) -> DynaMixer:
+    return DynaMixer(**dict(TINY, **kwargs)).eval()
+
+
+def macs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+# ---------------------------------------------------------------- exact to the official numbers
+
+@pytest.mark.parametrize('name,params,gmacs', [
+    ('dynamixer_s', 26_265_960, 7.302),
+    ('dynamixer_m', 57_128_264, 16.981),
+    ('dynamixer_l', 97_818_088, 27.343),
+])
+def test_official_params_and_gmacs(name, params, gmacs):
+    with torch.device('meta'):  # no memory, no init: counts only
+        model = timm.create_model(name)
+        assert sum(p.numel() for p in model.parameters()) == params
+        assert round(macs(model, torch.empty(1, 3, 224, 224)) / 1e9, 3) == gmacs
+
+
+def test_official_line_lengths():
+    with torch.device('meta'):
+        for name, lengths in [('dynamixer_s', (32, 16, 16, 16)), ('dynamixer_m', (32, 32, 16, 16))]:
+            model = timm.create_model(name)
+            got = [stage.blocks[0].token_mixer.row_mix.seq_len for stage in model.stages]
+            assert tuple(got) == lengths
+
+
+def _official_forward(sd, x, segments, reduced_dim):
+    """The official model's equations applied to an official-layout state dict (the spec, step by step)."""
+    lin = lambda t, p, bias=True: F.linear(t, sd[p + '.weight'], sd[p + '.bias'] if bias else None)
+
+    def op(t, p, S):
+        B, L, C = t.shape
+        w = lin(t, p + '.compress').reshape(B, L, S, reduced_dim).permute(0, 2, 1, 3).reshape(B, S, -1)
+        w = lin(w, p + '.generate').reshape(B, S, L, L).softmax(dim=-2)  # (N_in, N_out), normalised over N_in
+        t = t.reshape(B, L, S, C // S).permute(0, 2, 3, 1) @ w
+        return lin(t.permute(0, 3, 1, 2).reshape(B, L, C), p + '.out')
+
+    def block(t, p, S):
+        B, H, W, C = t.shape
+        h = op(t.permute(0, 2, 1, 3).reshape(-1, H, C), p + '.mix_h', S).reshape(B, W, H, C).permute(0, 2, 1, 3)
+        w = op(t.reshape(-1, W, C), p + '.mix_w', S).reshape(B, H, W, C)
+        c = lin(t, p + '.mlp_c', bias=False)
+        a = lin(F.gelu(lin((h + w + c).mean((1, 2)), p + '.reweight.fc1')), p + '.reweight.fc2')
+        a = a.reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, None, None, :]
+        return lin(h * a[0] + w * a[1] + c * a[2], p + '.proj')
+
+    ln = lambda t, p: F.layer_norm(t, t.shape[-1:], sd[p + '.weight'], sd[p + '.bias'])
+    x = F.conv2d(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=7).permute(0, 2, 3, 1)
+    stage = 0
+    for i in range(len({k.split('.')[1] for k in sd if k.startswith('network.')})):
+        if f'network.{i}.proj.weight' in sd:
+            x = F.conv2d(x.permute(0, 3, 1, 2), sd[f'network.{i}.proj.weight'], sd[f'network.{i}.proj.bias'],
+                         stride=2).permute(0, 2, 3, 1)
+            continue
+        j = 0
+        while f'network.{i}.{j}.norm1.weight' in sd:
+            p = f'network.{i}.{j}'
+            x = x + block(ln(x, p + '.norm1'), p + '.attn', segments[stage])
+            x = x + lin(F.gelu(lin(ln(x, p + '.norm2'), p + '.mlp.fc1')), p + '.mlp.fc2')
+            j += 1
+        stage += 1
+    return lin(ln(x, 'norm').flatten(1, 2).mean(1), 'head')
+
+
+def _official_state_dict(depths, dims, strides, segments, N, d, num_classes, scale=0.2):
+    """Random weights in the official layout: network.{i} = blocks or a downsample, mix_h/mix_w/mlp_c/..."""
+    g = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, generator=g) * scale
+    sd = {'patch_embed.proj.weight': r(dims[0], 3, 7, 7), 'patch_embed.proj.bias': r(dims[0])}
+    i = 0
+    for s, (depth, D) in enumerate(zip(depths, dims)):
+        if strides[s] > 1:
+            sd[f'network.{i}.proj.weight'], sd[f'network.{i}.proj.bias'] = r(D, dims[s - 1], 2, 2), r(D)
+            i += 1
+        n, S = N[s], segments[s]
+        for j in range(depth):
+            p = f'network.{i}.{j}'
+            for norm in ('norm1', 'norm2'):
+                sd[f'{p}.{norm}.weight'], sd[f'{p}.{norm}.bias'] = 1 + r(D), r(D)
+            for mix in ('mix_h', 'mix_w'):
+                sd[f'{p}.attn.{mix}.out.weight'], sd[f'{p}.attn.{mix}.out.bias'] = r(D, D), r(D)
+                sd[f'{p}.attn.{mix}.compress.weight'], sd[f'{p}.attn.{mix}.compress.bias'] = r(S * d, D), r(S * d)
+                sd[f'{p}.attn.{mix}.generate.weight'] = r(n * n, n * d) * 5
+                sd[f'{p}.attn.{mix}.generate.bias'] = r(n * n) * 5
+            sd[f'{p}.attn.mlp_c.weight'] = r(D, D)
+            sd[f'{p}.attn.reweight.fc1.weight'], sd[f'{p}.attn.reweight.fc1.bias'] = r(D // 4, D), r(D // 4)
+            sd[f'{p}.attn.reweight.fc2.weight'], sd[f'{p}.attn.reweight.fc2.bias'] = r(3 * D, D // 4), r(3 * D)
+            sd[f'{p}.attn.proj.weight'], sd[f'{p}.attn.proj.bias'] = r(D, D), r(D)
+            sd[f'{p}.mlp.fc1.weight'], sd[f'{p}.mlp.fc1.bias'] = r(3 * D, D), r(3 * D)
+            sd[f'{p}.mlp.fc2.weight'], sd[f'{p}.mlp.fc2.bias'] = r(D, 3 * D), r(D)
+        i += 1
+    sd['norm.weight'], sd['norm.bias'] = 1 + r(dims[-1]), r(dims[-1])
+    sd['head.weight'], sd['head.bias'] = r(num_classes, dims[-1]), r(num_classes)
+    return sd
+
+
+@pytest.fixture(scope='module')
+def official_tiny():
+    """An official-layout checkpoint for TINY-like configs (one with a width-only transition too)."""
+    sd = _official_state_dict(TINY['depths'], TINY['embed_dims'], TINY['stage_strides'], TINY['num_segments'],
+                              (8, 4, 4, 4), 2, TINY['num_classes'])
+    return sd
+
+
+@pytest.mark.parametrize('wrap', ['plain', 'state_dict', 'state_dict_ema', 'module'])
+def test_official_checkpoint_gives_official_logits(official_tiny, wrap):
+    x = torch.randn(3, 3, 56, 56)
+    expected = _official_forward(official_tiny, x, TINY['num_segments'], 2)
+    ckpt = official_tiny
+    if wrap == 'module':
+        ckpt = {'module.' + k: v for k, v in official_tiny.items()}
+    elif wrap != 'plain':
+        ckpt = {wrap: official_tiny, 'epoch': 7}
+    model = tiny()
+    model.load_state_dict(convert_official_state_dict(ckpt), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5, rtol=0)
+
+
+def test_converted_names_are_ours(official_tiny):
+    names = convert_official_state_dict(official_tiny)
+    assert not any(k.startswith(('network.', 'patch_embed.')) or '.attn.' in k or 'mix_h' in k for k in names)
+    assert 'stages.1.downsample.proj.weight' in names
+    assert 'stages.0.blocks.0.token_mixer.row_mix.generate.weight' in names
+
+
+def test_convert_command_writes_safetensors(official_tiny, tmp_path):
+    from safetensors.torch import load_file
+    from dynamixer.cli import main
+    src = tmp_path / 'official.pth'
+    torch.save({'state_dict': official_tiny}, src)
+    assert main(['convert', str(src), str(tmp_path / 'ours.safetensors')]) == 0
+    model = tiny()
+    model.load_state_dict(load_file(tmp_path / 'ours.safetensors'), strict=True)
+    assert not list(tmp_path.glob('.*.tmp'))  # atomic write leaves no temporary behind
+
+
+def test_convert_command_rejects_bad_files(tmp_path, capsys):
+    from dynamixer.cli import main
+    assert main(['convert', str(tmp_path / 'missing.pth'), str(tmp_path / 'out.safetensors')]) == 2
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint')
+    assert main(['convert', str(bad), str(tmp_path / 'out.safetensors')]) == 2
+    err = capsys.readouterr().err
+    assert 'does not exist' in err and 'could not read' in err and 'Traceback' not in err
+
+
+# ---------------------------------------------------------------- the design knobs
+
+@pytest.mark.parametrize('generation', ['dynamic', 'static', 'dense'])
+@pytest.mark.parametrize('share_row_col', [False, True])
+@pytest.mark.parametrize('fusion', ['reweight', 'sum'])
+def test_knobs_forward_and_backward(generation, share_row_col, fusion):
+    model = tiny(generation=generation, share_row_col=share_row_col, fusion=fusion).train()
+    out = model(torch.randn(2, 3, 56, 56))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters()), 'every parameter must get a gradient'
+    mixer = model.stages[0].blocks[0].token_mixer
+    assert (mixer.col_mix is None) == share_row_col
+    assert (mixer.reweight is None) == (fusion == 'sum')
+
+
+def test_knob_parameter_shapes():
+    op = tiny(generation='dynamic').stages[0].blocks[0].token_mixer.row_mix
+    assert op.compress.weight.shape == (4 * 2, 16) and op.generate.weight.shape == (8 * 8, 8 * 2)
+    op = tiny(generation='static').stages[0].blocks[0].token_mixer.row_mix
+    assert op.compress is None and op.logits.shape == (4, 8, 8)
+    op = tiny(generation='dense', reduced_dims=3).stages[0].blocks[0].token_mixer.row_mix
+    assert op.generate.weight.shape == (8, 3)
+    op = tiny(num_segments=2, reduced_dims=(1, 2, 4, 8)).stages[3].blocks[0].token_mixer.row_mix
+    assert op.num_segments == 2 and op.reduced_dim == 8
+
+
+def test_static_matrices_do_not_depend_on_input_but_dynamic_do():
+    for generation, same in [('static', True), ('dynamic', False), ('dense', False)]:
+        op = tiny(generation=generation).stages[0].blocks[0].token_mixer.row_mix
+        a, b = op.mixing_matrix(torch.randn(1, 8, 16)), op.mixing_matrix(torch.randn(1, 8, 16))
+        assert torch.allclose(a.sum(-1), torch.ones(1, 4, 8), atol=1e-6)  # rows are distributions
+        assert torch.allclose(a, b) == same, generation
+
+
+def test_dense_row_depends_only_on_its_own_token():
+    op = tiny(generation='dense').stages[0].blocks[0].token_mixer.row_mix
+    x = torch.randn(1, 8, 16)
+    y = x.clone()
+    y[0, 5] += 1.0
+    changed = (op.mixing_matrix(x) - op.mixing_matrix(y)).abs().amax(dim=(0, 1, 3)) > 0
+    assert changed.tolist() == [i == 5 for i in range(8)]
+
+
+def test_dynamic_row_depends_on_whole_line():
+    op = tiny().stages[0].blocks[0].token_mixer.row_mix
+    x = torch.randn(1, 8, 16)
+    y = x.clone()
+    y[0, 5] += 1.0
+    changed = (op.mixing_matrix(x) - op.mixing_matrix(y)).abs().amax(dim=(0, 1, 3)) > 0
+    assert changed.all()
+
+
+def test_bad_knobs_raise_value_error():
+    with pytest.raises(ValueError, match='generation must be one of'):
+        tiny(generation='random')
+    with pytest.raises(ValueError, match='fusion must be one of'):
+        tiny(fusion='max')
+    with pytest.raises(ValueError, match='not divisible by num_segments'):
+        tiny(num_segments=3)
+    with pytest.raises(ValueError, match='has 2 entries but the model has 4 stages'):
+        tiny(num_segments=(4, 8))
+    with pytest.raises(ValueError, match='share_row_col'):
+        tiny(share_row_col=True, img_size=(56, 28))
+
+
+# ---------------------------------------------------------------- timm-native
+
+@pytest.mark.parametrize('name', dynamixer.list_models())
+def test_timm_create_model_and_pretrained_cfg(name):
+    model = timm.create_model(name, num_classes=10).eval()
+    cfg = model.pretrained_cfg
+    assert cfg['input_size'][1:] == model.img_size and cfg['interpolation'] == 'bicubic'
+    assert len(cfg['mean']) == 3 and len(cfg['std']) == 3 and 0 < cfg['crop_pct'] <= 1
+    assert isinstance(model.get_submodule(cfg['first_conv']), torch.nn.Conv2d)
+    assert model.get_submodule(cfg['classifier']) is model.get_classifier()
+    assert model.get_classifier().out_features == 10
+    assert name in timm.list_models('dynamixer*')
+
+
+def test_crop_pct_per_variant():
+    assert timm.get_pretrained_cfg('dynamixer_s').crop_pct == 0.9
+    assert timm.get_pretrained_cfg('dynamixer_l').crop_pct == 0.875
+
+
+def test_dynamixer_s_forward_api():
+    model = timm.create_model('dynamixer_s', num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (1, 16, 16, 384)
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (1, model.num_features) == (1, model.head_hidden_size)
+        assert torch.allclose(model.forward_head(feats), model(x))
+
+
+def test_reset_classifier():
+    model = tiny()
+    x = torch.randn(2, 3, 56, 56)
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7) and model.num_classes == 7
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 32)
+    model.reset_classifier(0, global_pool='')
+    assert model(x).shape == (2, 4, 4, 32)
+    with pytest.raises(ValueError, match='global_pool'):
+        model.reset_classifier(3, global_pool='max')
+
+
+def test_forward_intermediates_match_feature_info():
+    model = tiny()
+    x = torch.randn(2, 3, 56, 56)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == len(model.feature_info) == 4
+    for feat, info in zip(inter, model.feature_info):
+        assert feat.shape == (2, info['num_chs'], 56 // info['reduction'], 56 // info['reduction'])
+    assert torch.allclose(final, model.forward_features(x))
+    only = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True, stop_early=True)
+    assert [torch.allclose(a, b) for a, b in zip(only, inter[1:3])] == [True, True]
+    nhwc = model.forward_intermediates(x, indices=1, output_fmt='NHWC', intermediates_only=True)
+    assert torch.allclose(nhwc[0].permute(0, 3, 1, 2), inter[-1])
+
+
+def test_prune_intermediate_layers():
+    model = tiny()
+    x = torch.randn(1, 3, 56, 56)
+    inter = model.forward_intermediates(x, intermediates_only=True)
+    assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+    assert len(model.stages) == 2
+    pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert torch.allclose(pruned[1], inter[1])
+
+
+def test_features_only():
+    model = timm.create_model('dynamixer_cifar_t', features_only=True, out_indices=(1, 3)).eval()
+    outs = model(torch.randn(2, 3, 32, 32))
+    assert [o.shape[1] for o in outs] == model.feature_info.channels() == [128, 128]
+    assert [32 // o.shape[-1] for o in outs] == model.feature_info.reduction() == [4, 4]
+
+
+def test_group_matcher_covers_all_parameters():
+    from timm.models import group_parameters
+    model = tiny()
+    for coarse in (False, True):
+        groups = group_parameters(model, model.group_matcher(coarse=coarse))
+        names = [n for g in groups.values() for n in g]
+        assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    fine = group_parameters(model, model.group_matcher())
+    assert len(fine) > len(group_parameters(model, model.group_matcher(coarse=True)))
+
+
+def test_grad_checkpointing_keeps_outputs_and_gradients():
+    model = tiny(drop_path_rate=0.).train()
+    x = torch.randn(2, 3, 56, 56)
+    out = model(x)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    assert all(s.grad_checkpointing for s in model.stages)
+    out2 = model(x)
+    out2.sum().backward()
+    assert torch.allclose(out, out2, atol=1e-6)
+    assert all(torch.allclose(grads[n], p.grad, atol=1e-5) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'dynamic_img_size': True}])
+def test_torch_compile_has_no_graph_breaks(kwargs):
+    torch._dynamo.reset()
+    model = tiny(**kwargs)
+    x = torch.randn(2, 3, 56, 56)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    assert torch.allclose(compiled(x), model(x), atol=1e-6)
+
+
+def test_drop_path_grows_linearly():
+    model = tiny(drop_path_rate=0.4)
+    rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, 'drop_prob') else 0.
+             for s in model.stages for b in s.blocks]
+    assert rates == pytest.approx([0.4 * i / 4 for i in range(5)])
+
+
+def test_init_follows_the_paper():
+    model = tiny()
+    linear = model.stages[0].blocks[0].token_mixer.row_mix.generate
+    assert abs(linear.weight.std().item() - 0.02) < 0.004  # timm's trunc_normal_ cuts at +-2 (absolute)
+    assert (linear.bias == 0).all() and (model.norm.weight == 1).all()
+
+
+# ---------------------------------------------------------------- any input size
+
+@pytest.mark.parametrize('img_size,lines', [(32, (4, 2)), (160, (22, 11)), ((84, 140), ((12, 20), (6, 10)))])
+def test_builds_for_any_img_size(img_size, lines):
+    model = tiny(img_size=img_size)
+    first, later = [model.stages[i].blocks[0].token_mixer for i in (0, 1)]
+    expect_first, expect_later = [(n, n) if isinstance(n, int) else n for n in lines]
+    assert (first.column_op.seq_len, first.row_mix.seq_len) == expect_first
+    assert (later.column_op.seq_len, later.row_mix.seq_len) == expect_later
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    assert model(torch.randn(1, 3, h, w)).shape == (1, 5)
+
+
+def test_gmacs_grow_with_the_cube_of_line_length_in_the_generator():
+    with torch.device('meta'):
+        small, large = timm.create_model('dynamixer_s', img_size=112), timm.create_model('dynamixer_s')
+        a, b = macs(small, torch.empty(1, 3, 112, 112)), macs(large, torch.empty(1, 3, 224, 224))
+    assert 4 < b / a < 8  # more than linear in pixels (4x): the N*N generator and N^3 terms
+
+
+@pytest.mark.parametrize('generation', ['dynamic', 'static', 'dense'])
+def test_dynamic_img_size_is_identical_at_the_trained_size(generation):
+    fixed = tiny(generation=generation)
+    dynamic = tiny(generation=generation, dynamic_img_size=True)
+    dynamic.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(fixed(x), dynamic(x))
+
+
+@pytest.mark.parametrize('size', [(56, 100), (40, 40), (61, 75), (120, 33)])
+def test_dynamic_img_size_runs_at_any_size(size):
+    model = tiny(dynamic_img_size=True, share_row_col=True)
+    out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_windows_mix_only_within_themselves():
+    """A line twice the trained length is mixed as two independent windows of the trained length."""
+    op = tiny(dynamic_img_size=True).stages[0].blocks[0].token_mixer.row_mix
+    from dynamixer.models.dynamixer import _mix_lines
+    x = torch.randn(3, 16, 16)
+    with torch.no_grad():
+        out = _mix_lines(op, x, allow_windows=True)
+        assert torch.allclose(out[:, :8], op(x[:, :8]), atol=1e-6)
+        assert torch.allclose(out[:, 8:], op(x[:, 8:]), atol=1e-6)
+
+
+def test_padding_is_masked():
+    """Short lines are padded to the trained length, and the padding never leaks into real tokens."""
+    op = tiny(dynamic_img_size=True).stages[0].blocks[0].token_mixer.row_mix
+    from dynamixer.models.dynamixer import _mix_lines
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        out = _mix_lines(op, x, allow_windows=True)
+        mix = op.mixing_matrix(F.pad(x, (0, 0, 0, 3)), torch.arange(8).expand(3, 8) < 5)
+    assert out.shape == x.shape
+    assert (mix[..., 5:] == 0).all()  # no weight on padded inputs
+    # the real tokens ignore whatever values sit in the padding
+    valid = torch.arange(8).expand(3, 8) < 5
+    junk = torch.cat([x, torch.randn(3, 3, 16) * 100], dim=1)
+    zero = F.pad(x, (0, 0, 0, 3))
+    with torch.no_grad():
+        assert torch.allclose(op(junk, valid)[:, :5], op(zero, valid)[:, :5], atol=1e-5)
+
+
+def test_checkpoint_resamples_to_another_size():
+    source = tiny()
+    target = tiny(img_size=112)
+    dynamixer.load_checkpoint(target, source.state_dict())
+    src_op = source.stages[0].blocks[0].token_mixer.row_mix
+    dst_op = target.stages[0].blocks[0].token_mixer.row_mix
+    assert dst_op.seq_len == 16 and dst_op.generate.weight.shape == (256, 32)
+    assert torch.equal(src_op.compress.weight, dst_op.compress.weight)  # size-free weights carried as they are
+    assert torch.isfinite(target(torch.randn(1, 3, 112, 112))).all()
+
+
+def test_resampling_keeps_logits_of_a_uniform_line():
+    """Weights over generator input tokens are scaled by N_old/N_new, so a line of identical tokens yields the
+    same logits at the new length, and smooth weights stay smooth."""
+    n, m, d = 8, 12, 2
+    weight, bias = torch.full((n * n, n * d), 0.3), torch.linspace(0, 1, n * n)
+    new_w = resample_op_state(weight, 'weight', 'dynamic', m)
+    new_b = resample_op_state(bias, 'bias', 'dynamic', m)
+    assert new_w.shape == (m * m, m * d) and new_b.shape == (m * m,)
+    z_old, z_new = torch.ones(n * d), torch.ones(m * d)
+    assert torch.allclose(weight @ z_old, torch.full((n * n,), 0.3 * n * d))
+    assert torch.allclose(new_w @ z_new, torch.full((m * m,), 0.3 * n * d), atol=1e-5)
+    static = resample_op_state(torch.randn(4, n, n), 'logits', 'static', m)
+    dense = resample_op_state(torch.randn(n, d), 'weight', 'dense', m)
+    assert static.shape == (4, m, m) and dense.shape == (m, d)
+
+
+def test_resample_through_timm_pretrained_loading(tmp_path):
+    from safetensors.torch import save_file
+    source = timm.create_model('dynamixer_cifar_t', num_classes=10)
+    save_file(source.state_dict(), tmp_path / 'w.safetensors')
+    model = timm.create_model('dynamixer_cifar_t', img_size=48, num_classes=10, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.safetensors')))
+    assert model.stages[0].blocks[0].token_mixer.row_mix.seq_len == 24
+    assert torch.equal(model.stem.proj.weight, source.stem.proj.weight)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_wrong_input_size_names_expected_and_fix():
+    with pytest.raises(ValueError, match=r'built for 56x56 inputs but got 64x64.*dynamic_img_size=True'):
+        tiny()(torch.randn(1, 3, 64, 64))
+
+
+def test_wrong_channel_count():
+    with pytest.raises(ValueError, match=r'\(batch, 3, H, W\).*in_chans=1'):
+        tiny()(torch.randn(1, 1, 56, 56))
+    with pytest.raises(ValueError, match='expected images shaped'):
+        tiny()(torch.randn(3, 56, 56))
+
+
+def test_unknown_variant_is_key_error_with_suggestion():
+    with pytest.raises(KeyError, match="did you mean 'dynamixer_s'"):
+        dynamixer.create_model('dynamixer_ss')
+    with pytest.raises(KeyError, match='choose one of'):
+        dynamixer.create_model('resnet50')
+
+
+def test_checkpoint_of_another_architecture():
+    other = tiny(embed_dims=(16, 64, 64, 64), num_segments=(4, 8, 8, 8))
+    with pytest.raises(ValueError, match='does not fit this DynaMixer.*another shape.*same variant'):
+        dynamixer.load_checkpoint(tiny(), other.state_dict())
+    with pytest.raises(ValueError, match='missing'):
+        dynamixer.load_checkpoint(tiny(), tiny(depths=(1, 1, 1, 1)).state_dict())
+    with pytest.raises(ValueError, match='unexpected|missing'):
+        dynamixer.load_checkpoint(tiny(), tiny(generation='static').state_dict())
+
+
+def test_checkpoint_with_another_class_count():
+    with pytest.raises(ValueError, match='classifies 7 classes.*num_classes=7'):
+        dynamixer.load_checkpoint(tiny(), tiny(num_classes=7).state_dict())
+    model = dynamixer.load_checkpoint(tiny(), tiny(num_classes=7).state_dict(), reset_head=True)
+    assert model.head.out_features == 5
+
+
+def test_too_small_inputs():
+    with pytest.raises(ValueError, match='smaller than one patch'):
+        tiny(img_size=4)
+    with pytest.raises(ValueError, match='too small to downsample'):
+        tiny(dynamic_img_size=True)(torch.randn(1, 3, 7, 7))
