@@ -512,3 +512,21 @@ def test_too_small_inputs():
         tiny(img_size=4)
     with pytest.raises(ValueError, match='too small to downsample'):
         tiny(dynamic_img_size=True)(torch.randn(1, 3, 7, 7))
+
+
+def test_verify_against_an_official_test_vector(official_tiny, tmp_path):
+    """The same file format as the official test vector (weights, input, logits, constructor config)."""
+    import json
+    from safetensors.torch import save_file
+    from dynamixer.cli import main
+    x = torch.randn(2, 3, 56, 56)
+    config = dict(layers=list(TINY['depths']), embed_dims=list(TINY['embed_dims']), patch_size=7,
+                  transitions=[True, False, False, False], resolutions=[8, 4, 4, 4],
+                  num_heads=list(TINY['num_segments']), reduced_dims=[2] * 4, mlp_ratios=[3] * 4, num_classes=5)
+    tensors = {f'state_dict.{k}': v for k, v in official_tiny.items()}
+    tensors.update(input=x, logits=_official_forward(official_tiny, x, TINY['num_segments'], 2))
+    save_file(tensors, tmp_path / 'ref.safetensors', metadata={'config': json.dumps(config)})
+    assert main(['convert', '--verify', str(tmp_path / 'ref.safetensors')]) == 0
+    tensors['logits'] = tensors['logits'] + 1e-3
+    save_file(tensors, tmp_path / 'bad.safetensors', metadata={'config': json.dumps(config)})
+    assert main(['convert', '--verify', str(tmp_path / 'bad.safetensors')]) == 1

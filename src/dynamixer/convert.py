@@ -5,6 +5,7 @@ generated mixing matrix input-token-major. Ours names stages and branches and la
 (so the softmax runs over contiguous memory). A DynaMixer's generation weights are sized by the line length N,
 so a model trained at one resolution is resampled to another by interpolating them over their token axes.
 """
+import json
 import math
 import os
 import tempfile
@@ -250,15 +251,44 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Union[str, Pa
             os.unlink(tmp)
 
 
+def verify_official_reference(path: Union[str, Path]) -> float:
+    """Largest logit difference between our model and an official test vector.
+
+    The file holds ``state_dict.<official key>`` weights, an ``input`` batch, the official ``logits`` and, in
+    its metadata, the official constructor arguments as JSON under ``config``.
+    """
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        if 'config' not in (f.metadata() or {}):
+            raise ValueError(f'{str(path)!r} has no "config" metadata; expected an official test vector.')
+        config = json.loads(f.metadata()['config'])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k[len('state_dict.'):]: v for k, v in tensors.items() if k.startswith('state_dict.')}
+    model = DynaMixer(**official_config_to_kwargs(config)).eval()
+    load_checkpoint(model, state)
+    with torch.no_grad():
+        return (model(tensors['input']) - tensors['logits']).abs().max().item()
+
+
 def add_arguments(parser) -> None:
     parser.add_argument('input', help='official checkpoint (.pth / .pth.tar / .safetensors), plain or wrapped '
                                       'under state_dict / state_dict_ema, with or without a module. prefix')
-    parser.add_argument('output', help='where to write the converted weights (.safetensors)')
+    parser.add_argument('output', nargs='?', help='where to write the converted weights (.safetensors)')
+    parser.add_argument('--verify', action='store_true',
+                        help='treat INPUT as an official test vector (weights, input, logits, config) and '
+                             'report how far our model\'s logits are from the official ones; exit 1 above 1e-5')
 
 
-def run(args) -> None:
+def run(args) -> int:
+    if args.verify:
+        error = verify_official_reference(args.input)
+        print(f'max |logits - official logits| = {error:.2e} ({"ok" if error <= 1e-5 else "MISMATCH"})')
+        return 0 if error <= 1e-5 else 1
+    if args.output is None:
+        raise ValueError('give an OUTPUT path ending in .safetensors (or --verify to check a test vector).')
     if not str(args.output).endswith('.safetensors'):
         raise ValueError(f'the output {args.output!r} should end in .safetensors; give a .safetensors path.')
     state = convert_official_state_dict(load_state_dict_file(args.input))
     save_safetensors(state, args.output, metadata={'converted_from': os.path.basename(args.input)})
     print(f'wrote {len(state)} tensors to {args.output}')
+    return 0
