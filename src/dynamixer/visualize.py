@@ -35,7 +35,7 @@ def load_model(model_dir: str) -> torch.nn.Module:
     if not (path / 'config.json').is_file():
         raise FileNotFoundError(f'{path} has no config.json; give the model/ folder of a training run '
                                 f'(config.json + model.safetensors).')
-    return timm.create_model(f'local-dir:{path}').eval()
+    return timm.create_model(f'local-dir:{path}', pretrained=True).eval()
 
 
 def load_image(model: torch.nn.Module, image_path: str) -> Tuple[torch.Tensor, np.ndarray]:
@@ -99,7 +99,11 @@ def block_mixing_matrices(model: torch.nn.Module, x: torch.Tensor, stage: int, b
     layer = model.stages[stage].blocks[block]
     mixer = layer.token_mixer
     captured = {}
-    handle = mixer.register_forward_hook(lambda module, inputs, output: captured.setdefault('x', inputs[0]))
+
+    def hook(module, inputs, output) -> None:  # must return None, or it would replace the output
+        captured['x'] = inputs[0]
+
+    handle = mixer.register_forward_hook(hook)
     try:
         logits = model(x)
     finally:
