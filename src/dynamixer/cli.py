@@ -12,6 +12,7 @@ from typing import List, Optional
 # subcommand -> (module, one-line help)
 COMMANDS = {
     'convert': ('dynamixer.convert', 'convert an official DynaMixer checkpoint to ours (.safetensors)'),
+    'ablate': ('dynamixer.ablate', 'train a grid of model variants with one budget and tabulate them'),
     'visualize': ('dynamixer.visualize', 'draw the mixing matrices a trained model generates for an image'),
 }
 

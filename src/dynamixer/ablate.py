@@ -1,0 +1,491 @@
+"""Run a grid of DynaMixer variants with the same data, budget and seeds, and tabulate what they reach.
+
+A grid is a YAML file (``--grid``) and/or flags. It names one model and its base knobs, the training
+settings every run shares, the seeds, and the variants: named overrides of the base
+(``variants: {static: {generation: static}}``) and/or axes varied one at a time from the base
+(``axes: {num_segments: [1, 2, 4, 8]}`` gives the variants ``S=1``, ``S=2``, ...; the base's own value is the
+base run). Knobs are the model's constructor arguments (``S`` and ``d`` are short for ``num_segments`` and
+``reduced_dims``). A variant may list its own ``seeds``, e.g. more seeds for the closest competitors.
+
+Every (variant, seed) is an ordinary ``dynamixer train`` run in ``OUTPUT/runs/<variant>/seed<k>`` (its own
+metrics.jsonl and model/, so it can be inspected, visualised or resumed). Finished runs are reused, unfinished
+ones resumed. The results go to ``OUTPUT/results.md``, ``results.csv`` (one row per variant: params, GMACs,
+train img/s, best and final val top-1 with mean, std and min-max over seeds), ``runs.csv`` (one row per run)
+and ``accuracy.png`` (best val top-1 against params and against GMACs).
+
+Example grid::
+
+    model: dynamixer_cifar_t
+    base: {patch_size: 4, embed_dims: 64, depths: [4], stage_strides: [1], num_segments: 8, reduced_dims: 2}
+    train: {data: cifar10, val_split: 0.1, epochs: 3, batch_size: 128, lr: 0.002}
+    seeds: [0]
+    axes: {generation: [dynamic, static, dense], S: [1, 2, 4, 8]}
+    variants: {shared: {share_row_col: true, seeds: [0, 1]}}
+"""
+import argparse
+import csv
+import inspect
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ['load_grid', 'expand_grid', 'run_grid', 'is_finished', 'train_command', 'KNOB_ALIASES']
+
+KNOB_ALIASES = {'S': 'num_segments', 'd': 'reduced_dims', 'segments': 'num_segments', 'reduced_dim': 'reduced_dims'}
+SHORT_NAMES = {'num_segments': 'S', 'reduced_dims': 'd'}
+GRID_KEYS = ('model', 'base', 'train', 'seeds', 'variants', 'axes', 'base_name')
+RUN_CONFIG = 'ablate_run.json'
+
+
+# ----------------------------------------------------------------------------------------------- the grid
+
+def _model_knobs() -> List[str]:
+    from dynamixer.models import DynaMixer
+    return [p for p in inspect.signature(DynaMixer.__init__).parameters if p not in ('self', 'num_classes')]
+
+
+def _model_defaults() -> Dict[str, Any]:
+    from dynamixer.models import DynaMixer
+    return {name: p.default for name, p in inspect.signature(DynaMixer.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _knob(name: str, where: str) -> str:
+    knob = KNOB_ALIASES.get(name, name)
+    known = _model_knobs()
+    if knob not in known:
+        import difflib
+        close = difflib.get_close_matches(knob, known + list(KNOB_ALIASES), n=1)
+        hint = f'did you mean {close[0]!r}? ' if close else ''
+        raise ValueError(f'unknown knob {name!r} in {where}; {hint}knobs are the model\'s arguments: '
+                         f'{", ".join(known)} (S and d for short).')
+    return knob
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """'4' -> 4, '[1,2]' -> [1, 2], 'true' -> True, 'static' -> 'static' (YAML scalars)."""
+    import yaml
+    return yaml.safe_load(text)
+
+
+def _parse_assignments(items: Sequence[str], what: str) -> Dict[str, Any]:
+    out = {}
+    for item in items:
+        if '=' not in item:
+            raise ValueError(f'{what} takes KEY=VALUE, got {item!r}.')
+        key, value = item.split('=', 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def load_grid(path: Optional[str]) -> Dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'grid file {path} does not exist.')
+    try:
+        with open(path) as f:
+            grid = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f'grid file {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    if not isinstance(grid, dict):
+        raise ValueError(f'grid file {path} must be a YAML mapping with keys {", ".join(GRID_KEYS)}.')
+    unknown = [k for k in grid if k not in GRID_KEYS]
+    if unknown:
+        raise ValueError(f'grid file {path} has unknown key(s) {", ".join(map(repr, unknown))}; '
+                         f'use {", ".join(GRID_KEYS)}.')
+    return grid
+
+
+def _variant_name(knob: str, value: Any) -> str:
+    short = SHORT_NAMES.get(knob, knob)
+    if isinstance(value, bool):
+        return f'{short}={"on" if value else "off"}'
+    if isinstance(value, (list, tuple)):
+        value = ','.join(map(str, value))
+    return f'{short}={value}'
+
+
+def expand_grid(grid: Dict[str, Any]) -> Tuple[str, Dict[str, Any], List[Dict[str, Any]]]:
+    """(model, base knobs, [{name, overrides, kwargs, seeds}]) with the base first; knobs checked."""
+    model = grid.get('model')
+    if not model:
+        raise ValueError('the grid names no model; set model: (e.g. dynamixer_cifar_t) or pass --model.')
+    from dynamixer.models import MODEL_ARGS
+    if model not in MODEL_ARGS:
+        raise KeyError(f'unknown model {model!r}; choose one of {", ".join(sorted(MODEL_ARGS))}.')
+    base = {_knob(k, 'base'): _jsonable(v) for k, v in (grid.get('base') or {}).items()}
+    seeds = grid.get('seeds', [0])
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f'seeds must be a list of integers, got {grid.get("seeds")!r}.')
+    base_name = grid.get('base_name', 'base')
+    resolved_base = {k: _jsonable(v) for k, v in {**_model_defaults(), **MODEL_ARGS[model], **base}.items()}
+    variants: List[Dict[str, Any]] = [dict(name=base_name, overrides={}, kwargs=dict(base), seeds=list(seeds))]
+
+    def add(name: str, overrides: Dict[str, Any], own_seeds: Optional[List[int]]) -> None:
+        kwargs = dict(base, **overrides)
+        effective = {k: v for k, v in overrides.items() if resolved_base.get(k) != v}
+        target = next((v for v in variants if v['name'] == name), None)
+        if not effective:  # the base itself
+            target = variants[0]
+        elif target is None:
+            target = next((v for v in variants if dict(resolved_base, **v['overrides']) ==
+                           dict(resolved_base, **effective)), None)
+        if target is None:
+            variants.append(dict(name=name, overrides=effective, kwargs=kwargs, seeds=list(own_seeds or seeds)))
+        elif own_seeds:
+            target['seeds'] = sorted(set(target['seeds']) | set(own_seeds))
+
+    for knob, values in (grid.get('axes') or {}).items():
+        key = _knob(knob, f'axes')
+        if not isinstance(values, list) or not values:
+            raise ValueError(f'axis {knob!r} must list the values to try, got {values!r}.')
+        for value in values:
+            add(_variant_name(key, value), {key: _jsonable(value)}, None)
+    for name, spec in (grid.get('variants') or {}).items():
+        spec = dict(spec or {})
+        own = spec.pop('seeds', None)
+        if own is not None:
+            own = [own] if isinstance(own, int) else list(own)
+        add(str(name), {_knob(k, f'variant {name!r}'): _jsonable(v) for k, v in spec.items()}, own)
+    for v in variants:  # build each once on the meta device: bad values fail here, not after an hour
+        _check_builds(model, v)
+    return model, base, variants
+
+
+def _check_builds(model: str, variant: Dict[str, Any]) -> None:
+    import timm
+    import torch
+    import dynamixer  # noqa: F401
+    try:
+        with torch.device('meta'):
+            timm.create_model(model, **variant['kwargs'])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f'variant {variant["name"]!r} does not build: {e}') from None
+
+
+def count_params_macs(model: str, kwargs: Dict[str, Any]) -> Tuple[int, float]:
+    """Parameters and GMACs (FlopCounterMode / 2, batch 1, at the model's input size)."""
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    import dynamixer  # noqa: F401
+    net = timm.create_model(model, **kwargs).eval()
+    params = sum(p.numel() for p in net.parameters())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(torch.zeros(1, *net.pretrained_cfg['input_size']))
+    return params, counter.get_total_flops() / 2e9
+
+
+# ----------------------------------------------------------------------------------------------- the runs
+
+def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+    path = Path(run_dir) / 'metrics.jsonl'
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut short by an interrupted run
+    return rows
+
+
+def is_finished(run_dir: Path, epochs: int) -> bool:
+    """A run is done when its metrics cover all epochs and its model folder was written."""
+    run_dir = Path(run_dir)
+    rows = [r for r in read_metrics(run_dir) if 'val_top1' in r]
+    done_epochs = {r.get('epoch') for r in rows}
+    model = run_dir / 'model'
+    return (len(done_epochs) >= epochs and (model / 'config.json').is_file()
+            and any(model.glob('*.safetensors')))
+
+
+def train_command(data: str, model: str, kwargs: Dict[str, Any], train: Dict[str, Any], seed: int,
+                  run_dir: Path, resume: bool) -> List[str]:
+    """The ``dynamixer train`` command line of one run."""
+    cmd = [sys.executable, '-m', 'dynamixer.cli', 'train', '--data', str(data), '--model', model,
+           '--seed', str(seed), '--output', str(run_dir)]
+    for key, value in train.items():
+        if key == 'data':
+            continue
+        flag = '--' + key.replace('_', '-')
+        if isinstance(value, bool):
+            if value:
+                cmd.append(flag)
+        elif isinstance(value, (list, tuple)):
+            cmd += [flag, *map(str, value)]
+        else:
+            cmd += [flag, str(value)]
+    for key, value in kwargs.items():
+        cmd += ['--model-kwarg', f'{key}={json.dumps(value)}']
+    if resume:
+        cmd.append('--resume')
+    return cmd
+
+
+def _train(cmd: List[str], run_dir: Path, threads: int) -> int:
+    """Run one training command, its output to RUN/train.log; the exit code."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / 'train.log', 'a') as log:
+        log.write('$ ' + ' '.join(cmd) + '\n')
+        log.flush()
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def _summarise_run(run_dir: Path) -> Dict[str, Any]:
+    rows = [r for r in read_metrics(run_dir) if 'val_top1' in r]
+    speeds = [r['img_per_sec'] for r in rows if r.get('img_per_sec')]
+    if len(speeds) > 1:
+        speeds = speeds[1:]  # the first epoch includes start-up
+    return dict(best_top1=max(r['val_top1'] for r in rows), final_top1=rows[-1]['val_top1'],
+                final_top5=rows[-1].get('val_top5'), final_val_loss=rows[-1].get('val_loss'),
+                img_per_sec=statistics.mean(speeds) if speeds else float('nan'), epochs=len(rows))
+
+
+def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1, dry_run: bool = False,
+             log=print) -> Dict[str, Any]:
+    """Train every (variant, seed) not yet finished, then write the tables and the plot."""
+    model, base, variants = expand_grid(grid)
+    train = dict(grid.get('train') or {})
+    data = train.get('data')
+    if not data:
+        raise ValueError('the grid names no data; set train: {data: ...} or pass --data.')
+    epochs = train.get('epochs')
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f'train: epochs must be a positive integer (every run gets the same budget), got {epochs!r}.')
+    for key in ('seed', 'output', 'model', 'resume'):
+        if key in train:
+            raise ValueError(f'train: {key} is set by the ablation runner per run; remove it from the grid.')
+    out = Path(output)
+    runs = [(v, seed) for v in variants for seed in v['seeds']]
+    log(f'{model}: {len(variants)} variants, {len(runs)} runs of {epochs} epochs -> {out}')
+    if dry_run:
+        for v, seed in runs:
+            run_dir = out / 'runs' / _dirname(v['name']) / f'seed{seed}'
+            log(' '.join(train_command(data, model, v['kwargs'], train, seed, run_dir, False)))
+        return dict(variants=variants, runs=[])
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(i_run: Tuple[int, Tuple[Dict[str, Any], int]]) -> Dict[str, Any]:
+        i, (variant, seed) = i_run
+        run_dir = out / 'runs' / _dirname(variant['name']) / f'seed{seed}'
+        config = dict(model=model, kwargs=variant['kwargs'], train=train, seed=seed)
+        tag = f'[{i + 1}/{len(runs)}] {variant["name"]} seed {seed}'
+        config_path = run_dir / RUN_CONFIG
+        if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(json.dumps(config)):
+            raise ValueError(f'{run_dir} holds a run with other settings than this grid asks for; '
+                             f'remove it or choose another --output.')
+        if is_finished(run_dir, epochs):
+            result = dict(variant=variant['name'], seed=seed, run_dir=str(run_dir), status='reused',
+                          **_summarise_run(run_dir))
+            log(f'{tag}: reused (best top-1 {result["best_top1"]:.2f}, final {result["final_top1"]:.2f})')
+            return result
+        resume = run_dir.is_dir() and bool(read_metrics(run_dir))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(config, indent=1))
+        start = time.time()
+        code = _train(train_command(data, model, variant['kwargs'], train, seed, run_dir, resume), run_dir, threads)
+        took = time.time() - start
+        if code != 0 or not is_finished(run_dir, epochs):
+            log(f'{tag}: FAILED after {took:.0f} s (exit {code}); see {run_dir / "train.log"}')
+            return dict(variant=variant['name'], seed=seed, run_dir=str(run_dir), status='failed')
+        result = dict(variant=variant['name'], seed=seed, run_dir=str(run_dir),
+                      status='resumed' if resume else 'trained', seconds=took, **_summarise_run(run_dir))
+        log(f'{tag}: {result["status"]} in {took:.0f} s, best top-1 {result["best_top1"]:.2f}, '
+            f'final {result["final_top1"]:.2f}, {result["img_per_sec"]:.0f} img/s')
+        return result
+
+    if jobs > 1:
+        with ThreadPoolExecutor(jobs) as pool:
+            results = list(pool.map(one, enumerate(runs)))
+    else:
+        results = [one(item) for item in enumerate(runs)]
+
+    table = summarise(model, variants, results)
+    write_results(out, model, base, train, table, results)
+    failed = [r for r in results if r['status'] == 'failed']
+    log(f'wrote {out / "results.md"}, {out / "results.csv"}, {out / "runs.csv"}, {out / "accuracy.png"}'
+        + (f'; {len(failed)} run(s) failed' if failed else ''))
+    return dict(variants=variants, runs=results, table=table, failed=len(failed))
+
+
+def _dirname(name: str) -> str:
+    return ''.join(ch if ch.isalnum() or ch in '-_.=' else '_' for ch in name)
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+def _stats(values: List[float]) -> Dict[str, float]:
+    if not values:
+        return dict(mean=float('nan'), std=float('nan'), min=float('nan'), max=float('nan'))
+    return dict(mean=statistics.mean(values), std=statistics.stdev(values) if len(values) > 1 else 0.,
+                min=min(values), max=max(values))
+
+
+def summarise(model: str, variants: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    table = []
+    for v in variants:
+        done = [r for r in results if r['variant'] == v['name'] and r['status'] != 'failed']
+        params, gmacs = count_params_macs(model, v['kwargs'])
+        best, final = _stats([r['best_top1'] for r in done]), _stats([r['final_top1'] for r in done])
+        speed = _stats([r['img_per_sec'] for r in done if not math.isnan(r['img_per_sec'])])
+        table.append(dict(
+            variant=v['name'], overrides=json.dumps(v['overrides'], sort_keys=True) if v['overrides'] else '',
+            seeds=' '.join(str(r['seed']) for r in done), runs=len(done), params=params, gmacs=gmacs,
+            img_per_sec=speed['mean'],
+            **{f'best_top1_{k}': x for k, x in best.items()}, **{f'final_top1_{k}': x for k, x in final.items()}))
+    return table
+
+
+def _fmt_acc(row: Dict[str, Any], which: str) -> str:
+    if not row['runs']:
+        return 'n/a'
+    mean = row[f'{which}_top1_mean']
+    if row['runs'] == 1:
+        return f'{mean:.2f}'
+    return (f'{mean:.2f} ± {row[f"{which}_top1_std"]:.2f} '
+            f'({row[f"{which}_top1_min"]:.2f}–{row[f"{which}_top1_max"]:.2f})')
+
+
+def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, Any],
+                  table: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> None:
+    fields = list(table[0].keys())
+    with open(out / 'results.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in table:
+            writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+    run_fields = ['variant', 'seed', 'status', 'best_top1', 'final_top1', 'final_top5', 'final_val_loss',
+                  'img_per_sec', 'epochs', 'seconds', 'run_dir']
+    with open(out / 'runs.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=run_fields, extrasaction='ignore')
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: (f'{r[k]:.6g}' if isinstance(r.get(k), float) else r.get(k, '')) for k in run_fields})
+    lines = [
+        f'Model `{model}` with base knobs `{json.dumps(base, sort_keys=True)}`; every run: '
+        f'`{json.dumps(train, sort_keys=True)}`.',
+        '',
+        'Top-1 in %, on the validation images; mean ± std (min–max) over seeds where there are several. '
+        'img/s: training throughput (mean over epochs after the first).',
+        '',
+        '| variant | overrides | seeds | params | GMACs | train img/s | best val top-1 | final val top-1 |',
+        '|---|---|---|---:|---:|---:|---:|---:|',
+    ]
+    for row in table:
+        overrides = ', '.join(f'{k}={v}' for k, v in json.loads(row['overrides']).items()) if row['overrides'] else '—'
+        lines.append(f'| {row["variant"]} | {overrides} | {row["seeds"] or "—"} | {row["params"]:,} | '
+                     f'{row["gmacs"]:.4f} | {row["img_per_sec"]:.0f} | {_fmt_acc(row, "best")} | '
+                     f'{_fmt_acc(row, "final")} |')
+    (out / 'results.md').write_text('\n'.join(lines) + '\n')
+    plot(out / 'accuracy.png', table, title=f'{model} ablation: best val top-1')
+
+
+def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
+    """Best val top-1 (mean, min-max bars) against params and against GMACs, one point per variant."""
+    import matplotlib
+    matplotlib.use('Agg', force=False)
+    import matplotlib.pyplot as plt
+    rows = [r for r in table if r['runs']]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    groups = sorted({r['variant'].split('=')[0] if '=' in r['variant'] else r['variant'] for r in rows})
+    colors = {g: plt.cm.tab10(i % 10) for i, g in enumerate(groups)}
+    for ax, key, label in ((axes[0], 'params', 'parameters (M)'), (axes[1], 'gmacs', 'GMACs (batch 1)')):
+        for r in rows:
+            x = r[key] / 1e6 if key == 'params' else r[key]
+            y = r['best_top1_mean']
+            group = r['variant'].split('=')[0] if '=' in r['variant'] else r['variant']
+            err = [[y - r['best_top1_min']], [r['best_top1_max'] - y]]
+            ax.errorbar([x], [y], yerr=err if r['runs'] > 1 else None, fmt='o', color=colors[group], capsize=3)
+            ax.annotate(r['variant'], (x, y), textcoords='offset points', xytext=(4, 3), fontsize=7)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('best val top-1 (%)')
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--grid', help='YAML grid file (model, base, train, seeds, axes, variants)')
+    parser.add_argument('--output', required=True, help='folder for the runs and the results')
+    parser.add_argument('--model', help='model name (overrides the grid)')
+    parser.add_argument('--base', nargs='+', default=[], metavar='KNOB=VALUE', help='base model knobs')
+    parser.add_argument('--vary', nargs='+', default=[], metavar='KNOB=V1,V2',
+                        help='axes varied one at a time from the base, e.g. S=1,2,4,8 generation=static,dense')
+    parser.add_argument('--variant', nargs='+', default=[], metavar='NAME:KNOB=VALUE[;KNOB=VALUE]',
+                        help='named variants, e.g. shared:share_row_col=true')
+    parser.add_argument('--seeds', nargs='+', type=int, help='seeds of every variant (overrides the grid)')
+    parser.add_argument('--data', help='training data, as for dynamixer train (overrides the grid)')
+    parser.add_argument('--epochs', type=int, help='epochs per run (overrides the grid)')
+    parser.add_argument('--train-arg', nargs='+', default=[], metavar='FLAG=VALUE',
+                        help='more dynamixer train settings shared by every run, e.g. batch_size=128 val_split=0.1')
+    parser.add_argument('--jobs', type=int, default=1, help='runs trained at the same time')
+    parser.add_argument('--threads', type=int, default=1, help='CPU threads per run (OMP_NUM_THREADS)')
+    parser.add_argument('--dry-run', action='store_true', help='print the training commands and stop')
+
+
+def grid_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    grid = load_grid(args.grid)
+    if args.model:
+        grid['model'] = args.model
+    if args.base:
+        grid['base'] = dict(grid.get('base') or {}, **_parse_assignments(args.base, '--base'))
+    if args.vary:
+        axes = dict(grid.get('axes') or {})
+        for item in args.vary:
+            if '=' not in item:
+                raise ValueError(f'--vary takes KNOB=V1,V2,..., got {item!r}.')
+            key, values = item.split('=', 1)
+            axes[key.strip()] = [_parse_value(v) for v in values.split(',')]
+        grid['axes'] = axes
+    if args.variant:
+        variants = dict(grid.get('variants') or {})
+        for item in args.variant:
+            name, sep, spec = item.partition(':')
+            if not sep or not name:
+                raise ValueError(f'--variant takes NAME:KNOB=VALUE[;KNOB=VALUE], got {item!r}.')
+            variants[name] = _parse_assignments([s for s in spec.split(';') if s], f'--variant {name}')
+        grid['variants'] = variants
+    if args.seeds:
+        grid['seeds'] = args.seeds
+    train = dict(grid.get('train') or {})
+    if args.data:
+        train['data'] = args.data
+    if args.epochs:
+        train['epochs'] = args.epochs
+    train.update(_parse_assignments(args.train_arg, '--train-arg'))
+    grid['train'] = train
+    return grid
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.jobs < 1 or args.threads < 1:
+        raise ValueError('--jobs and --threads must be at least 1.')
+    result = run_grid(grid_from_args(args), args.output, jobs=args.jobs, threads=args.threads, dry_run=args.dry_run)
+    return 1 if result.get('failed') else 0
