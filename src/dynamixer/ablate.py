@@ -224,7 +224,7 @@ def train_command(data: str, model: str, kwargs: Dict[str, Any], train: Dict[str
                   run_dir: Path, resume: bool) -> List[str]:
     """The ``dynamixer train`` command line of one run."""
     cmd = [sys.executable, '-m', 'dynamixer.cli', 'train', '--data', str(data), '--model', model,
-           '--seed', str(seed), '--output', str(run_dir)]
+           '--seed', str(seed), '--output', str(run_dir), '--no-progress']  # progress bars would flood train.log
     for key, value in train.items():
         if key == 'data':
             continue
@@ -236,8 +236,8 @@ def train_command(data: str, model: str, kwargs: Dict[str, Any], train: Dict[str
             cmd += [flag, *map(str, value)]
         else:
             cmd += [flag, str(value)]
-    for key, value in kwargs.items():
-        cmd += ['--model-kwarg', f'{key}={json.dumps(value)}']
+    if kwargs:  # parsed by train with ast.literal_eval, strings left as they are
+        cmd += ['--model-kwargs', *(f'{k}={v if isinstance(v, str) else repr(v)}' for k, v in kwargs.items())]
     if resume:
         cmd.append('--resume')
     return cmd
@@ -301,7 +301,7 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
                           **_summarise_run(run_dir))
             log(f'{tag}: reused (best top-1 {result["best_top1"]:.2f}, final {result["final_top1"]:.2f})')
             return result
-        resume = run_dir.is_dir() and bool(read_metrics(run_dir))
+        resume = (run_dir / 'checkpoint.pth').is_file()  # train's own checkpoint of the last finished epoch
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(config, indent=1))
         start = time.time()
@@ -396,7 +396,7 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
     for row in table:
         overrides = ', '.join(f'{k}={v}' for k, v in json.loads(row['overrides']).items()) if row['overrides'] else '—'
         lines.append(f'| {row["variant"]} | {overrides} | {row["seeds"] or "—"} | {row["params"]:,} | '
-                     f'{row["gmacs"]:.4f} | {row["img_per_sec"]:.0f} | {_fmt_acc(row, "best")} | '
+                     f'{row["gmacs"]:.4g} | {row["img_per_sec"]:.0f} | {_fmt_acc(row, "best")} | '
                      f'{_fmt_acc(row, "final")} |')
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
     plot(out / 'accuracy.png', table, title=f'{model} ablation: best val top-1')

@@ -1,0 +1,139 @@
+"""dynamixer ablate: a two-variant grid on a tiny ImageFolder, tables and plot, reuse of finished runs, errors."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import timm
+import yaml
+from PIL import Image
+
+import dynamixer  # noqa: F401
+from dynamixer import ablate
+from dynamixer.cli import main
+
+BASE = dict(patch_size=8, embed_dims=16, depths=[1], stage_strides=[1], num_segments=2, reduced_dims=2)
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    """Two classes of 32x32 images that differ in colour; train/ and val/."""
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 8), ('val', 4)):
+        for c, colour in (('red', (200, 30, 30)), ('blue', (30, 30, 200))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(colour, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f'{i}.png')
+    return root
+
+
+def grid(folder, **extra):
+    return dict(model='dynamixer_cifar_t', base=dict(BASE), seeds=[0],
+                train=dict(data=str(folder), epochs=1, batch_size=4, workers=0),
+                variants={'static': {'generation': 'static'}}, **extra)
+
+
+def test_grid_runs_tabulates_and_reuses(folder, tmp_path, monkeypatch):
+    out = tmp_path / 'abl'
+    lines = []
+    result = ablate.run_grid(grid(folder), str(out), log=lines.append)
+    assert result['failed'] == 0, (out / 'runs' / 'base' / 'seed0' / 'train.log').read_text()[-2000:]
+    assert sum('trained' in line for line in lines) == 2  # one progress line per run
+
+    for name in ('results.md', 'results.csv', 'runs.csv', 'accuracy.png'):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert (out / 'accuracy.png').read_bytes()[:4] == b'\x89PNG'
+    rows = list(csv.DictReader(open(out / 'results.csv')))
+    assert [r['variant'] for r in rows] == ['base', 'static']
+    for row, kwargs in zip(rows, (BASE, dict(BASE, generation='static'))):
+        model = timm.create_model('dynamixer_cifar_t', **kwargs)
+        assert int(row['params']) == sum(p.numel() for p in model.parameters())
+        assert 0 <= float(row['best_top1_mean']) <= 100 and int(row['runs']) == 1
+    assert int(rows[0]['params']) != int(rows[1]['params'])
+    table = (out / 'results.md').read_text()
+    assert '| base |' in table and '| static | generation=static |' in table
+    run_dir = out / 'runs' / 'static' / 'seed0'
+    assert ablate.is_finished(run_dir, 1)
+    model = timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True)  # an ordinary run
+    assert model.stages[0].blocks[0].token_mixer.row_mix.generation == 'static'
+
+    # again: nothing is retrained and the runs' files are untouched
+    stamps = {p: p.stat().st_mtime_ns for p in (out / 'runs').rglob('*') if p.is_file()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError('a finished run was trained again')
+
+    monkeypatch.setattr(ablate, '_train', no_training)
+    lines.clear()
+    again = ablate.run_grid(grid(folder), str(out), log=lines.append)
+    assert [r['status'] for r in again['runs']] == ['reused', 'reused']
+    assert sum('reused' in line for line in lines) == 2
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / 'runs').rglob('*') if p.is_file()}
+    assert list(csv.DictReader(open(out / 'results.csv'))) == rows
+
+    # a different grid in the same folder is refused rather than mixed in
+    other = grid(folder)
+    other['train']['epochs'] = 2
+    with pytest.raises(ValueError, match='other settings'):
+        ablate.run_grid(other, str(out), log=lines.append)
+
+
+def test_expand_grid_axes_aliases_and_seeds():
+    _, _, variants = ablate.expand_grid(dict(
+        model='dynamixer_cifar_t', base=dict(BASE), seeds=[0],
+        axes={'S': [1, 2], 'generation': ['dynamic', 'dense'], 'share_row_col': [False, True]},
+        variants={'base': {'seeds': [0, 1]}, 'dense_too': {'generation': 'dense', 'seeds': [2]}}))
+    names = [v['name'] for v in variants]
+    # S=2 and generation=dynamic and share_row_col=off are the base itself; dense_too is generation=dense
+    assert names == ['base', 'S=1', 'generation=dense', 'share_row_col=on']
+    seeds = {v['name']: v['seeds'] for v in variants}
+    assert seeds['base'] == [0, 1] and seeds['generation=dense'] == [0, 2] and seeds['S=1'] == [0]
+    assert variants[1]['kwargs'] == dict(BASE, num_segments=1)
+
+
+def _cli(tmp_path, capsys, *args):
+    code = main(['ablate', '--output', str(tmp_path / 'out'), *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_bad_grids_give_one_line(folder, tmp_path, capsys):
+    code, err = _cli(tmp_path, capsys, '--grid', str(tmp_path / 'missing.yaml'))
+    assert code == 2 and 'missing.yaml does not exist' in err and len(err.splitlines()) == 1
+
+    path = tmp_path / 'grid.yaml'
+    bad = grid(folder)
+    bad['variants'] = {'oops': {'segmentz': 4}}
+    path.write_text(yaml.safe_dump(bad))
+    code, err = _cli(tmp_path, capsys, '--grid', str(path))
+    assert code == 2 and "unknown knob 'segmentz' in variant 'oops'" in err and len(err.splitlines()) == 1
+
+    path.write_text(yaml.safe_dump(dict(grid(folder), axes={'d': 3})))
+    code, err = _cli(tmp_path, capsys, '--grid', str(path))
+    assert code == 2 and "axis 'd' must list" in err
+
+    path.write_text(yaml.safe_dump(dict(grid(folder), model='dynamixer_cifar_x')))
+    code, err = _cli(tmp_path, capsys, '--grid', str(path))
+    assert code == 2 and 'unknown model' in err
+
+    path.write_text(yaml.safe_dump(dict(grid(folder), variants={'odd': {'num_segments': 3}})))
+    code, err = _cli(tmp_path, capsys, '--grid', str(path))
+    assert code == 2 and "variant 'odd' does not build" in err and len(err.splitlines()) == 1
+
+    path.write_text('model: [unclosed')
+    code, err = _cli(tmp_path, capsys, '--grid', str(path))
+    assert code == 2 and 'not valid YAML' in err
+    assert not (tmp_path / 'out' / 'runs').exists()
+
+
+def test_flags_make_a_grid(folder, tmp_path, capsys):
+    code = main(['ablate', '--output', str(tmp_path / 'out'), '--model', 'dynamixer_cifar_t', '--data', str(folder),
+                 '--epochs', '1', '--base', *[f'{k}={json.dumps(v)}' for k, v in BASE.items()],
+                 '--vary', 'd=1,2', '--variant', 'sum:fusion=sum', '--seeds', '0', '1', '--dry-run'])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert '3 variants, 6 runs of 1 epochs' in out
+    assert out.count('dynamixer.cli train') == 6 and 'runs/d=1/seed1' in out and 'runs/sum/seed0' in out
+    assert not (tmp_path / 'out').exists()
