@@ -113,11 +113,100 @@ class DynaMixerOp(nn.Module):
         if N != self.seq_len:
             raise ValueError(f'this mixing op was built for lines of {self.seq_len} tokens but got {N}; '
                              f'build the model for this input size or use dynamic_img_size=True.')
-        S = self.num_segments
         mix = self.mixing_matrix(x, valid)
-        x = mix @ x.view(L, N, S, C // S).transpose(1, 2)  # (L, S, N, C/S)
-        x = x.transpose(1, 2).reshape(L, N, C)
-        return self.proj(x)
+        # the lines as a (L, 1, N, C) map whose rows are mixed
+        out = _MixProject.apply(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
+                                self.proj.bias.unsqueeze(0), (False,))
+        return out.view(L, N, C)
+
+
+def _segments(x: torch.Tensor, num_segments: int, columns: bool) -> torch.Tensor:
+    """View an NHWC map as per-segment lines: rows ``(B, H, S, W, C/S)`` or columns ``(B, W, S, H, C/S)``."""
+    x = x.unflatten(-1, (num_segments, -1))  # (B, H, W, S, c), no copy
+    return x.permute(0, 2, 3, 1, 4) if columns else x.permute(0, 1, 3, 2, 4)
+
+
+def _unsegment(y: torch.Tensor, columns: bool) -> torch.Tensor:
+    """Inverse of :func:`_segments`: ``(B, L1, S, N, c)`` back to an NHWC ``(B, H, W, C)`` map (a view)."""
+    y = y.permute(0, 3, 1, 2, 4) if columns else y.permute(0, 1, 3, 2, 4)
+    return y.flatten(-2)
+
+
+def _stack_segments(x: torch.Tensor, num_segments: int, branches: Tuple[bool, ...]) -> torch.Tensor:
+    """``(K, B, L1, S, N, c)``: the lines of each branch (False: rows, True: columns), segment-major."""
+    views = [_segments(x, num_segments, columns) for columns in branches]
+    return views[0].unsqueeze(0) if len(views) == 1 else torch.stack(views)
+
+
+def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
+    """Mixed tokens of every branch as one matrix per branch, ``(K, B * L1 * N, C)``, line-major.
+
+    ``mix`` is ``(K, B, L1, S, N, N)``; all branches run as one batched matmul, and one copy brings the
+    segments back together (row branch: (B, H, W) token order; column branch: (B, W, H)).
+    """
+    K, B, L1, S, N, _ = mix.shape
+    xs = _stack_segments(x, S, branches)
+    y = torch.bmm(mix.reshape(-1, N, N), xs.reshape(-1, N, xs.shape[-1]))  # bmm on 3-d is faster than matmul
+    return y.view(xs.shape).transpose(3, 4).reshape(K, -1, x.shape[-1])
+
+
+_AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
+
+
+def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
+    if device_type not in _AUTOCAST_DEVICES:  # e.g. meta tensors
+        return False, None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _MixProject(torch.autograd.Function):
+    """``proj_k(P_k @ x)`` for K branches at once, each mixing the rows or the columns of an NHWC map ``x``.
+
+    ``mix``: ``(K, B, L1, S, N, N)``; ``weight``: ``(K, C, C)``; ``bias``: ``(K, C)``; ``branches``: a tuple of
+    K flags (False: rows, True: columns). Returns ``(K, B, L1, N, C)`` (rows: ``(B, H, W, C)``, columns:
+    ``(B, W, H, C)``). It saves only ``P`` and ``x`` for backward (``x`` is kept alive by the compress and
+    channel layers anyway) and recomputes the mixed tokens there, instead of keeping the two permuted copies
+    per branch that plain autograd saves (the segment-major input of the bmm and the input of ``proj``).
+    """
+
+    @staticmethod
+    def forward(ctx, mix, x, weight, bias, branches: Tuple[bool, ...]):
+        ctx.branches = branches
+        ctx.device_type = x.device.type
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(mix, x, weight)
+        y = _mixed_tokens(mix, x, branches)
+        out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
+        K, B, L1, S, N, _ = mix.shape
+        return out.view(K, B, L1, N, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mix, x, weight = ctx.saved_tensors
+        branches = ctx.branches
+        enabled, dtype = ctx.autocast
+        K, B, L1, S, N, _ = mix.shape
+        grad = grad.reshape(K, B * L1 * N, -1)
+        grad_mix = grad_x = grad_weight = grad_bias = None
+        with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
+            if ctx.needs_input_grad[2]:
+                grad_weight = torch.bmm(grad.transpose(1, 2), _mixed_tokens(mix, x, branches))
+            if ctx.needs_input_grad[3]:
+                grad_bias = grad.sum(1)
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                grad_y = torch.bmm(grad, weight).view(K, B, L1, N, S, -1).transpose(3, 4)  # (K, B, L1, S, N, c)
+                c = grad_y.shape[-1]
+                grad_y = grad_y.reshape(-1, N, c)
+                if ctx.needs_input_grad[0]:
+                    xs = _stack_segments(x, S, branches).reshape(-1, N, c)
+                    grad_mix = torch.bmm(grad_y, xs.transpose(1, 2)).view(mix.shape)
+                if ctx.needs_input_grad[1]:
+                    grad_xs = torch.bmm(mix.reshape(-1, N, N).transpose(1, 2), grad_y).view(K, B, L1, S, N, c)
+                    grad_x = _unsegment(grad_xs[0], branches[0])
+                    for k in range(1, K):
+                        grad_x = grad_x + _unsegment(grad_xs[k], branches[k])
+                    grad_x = grad_x.contiguous()
+        return grad_mix, grad_x, grad_weight, grad_bias, None
 
 
 def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> torch.Tensor:
@@ -175,19 +264,82 @@ class DynaMixerTokenMixer(nn.Module):
     def column_op(self) -> DynaMixerOp:
         return self.row_mix if self.col_mix is None else self.col_mix
 
+    def _branch_mixing(self, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
+        """Mixing matrices ``(K, B, L1, S, N, N)`` of the given branches (False: rows, True: columns), whose
+        lines must all have the same length N, on a map of the built size.
+
+        The compress layers run as one matmul on the NHWC map (computed once when rows and columns share
+        it), the generate layers as one batched matmul and the softmax as one op.
+        """
+        ops = [self.column_op if columns else self.row_mix for columns in branches]
+        S, d = ops[0].num_segments, ops[0].reduced_dim
+        if ops[0].compress is None:  # static
+            B, H, W, C = x.shape
+            mixes = [op.logits.softmax(dim=-1).expand(B, W if columns else H, -1, -1, -1)
+                     for op, columns in zip(ops, branches)]
+            return torch.stack(mixes) if len(mixes) > 1 else mixes[0].unsqueeze(0)
+        unique = list({id(op): op for op in ops}.values())
+        if len(unique) == 1:
+            z = unique[0].compress(x)
+        else:
+            weight = torch.cat([op.compress.weight for op in unique])
+            bias = torch.cat([op.compress.bias for op in unique])
+            z = F.linear(x, weight, bias)
+        z = z.unflatten(-1, (len(unique), S, d))  # (B, H, W, ops, S, d)
+        lines = [z[..., unique.index(op), :, :] for op in ops]
+        lines = [z_.permute(0, 2, 3, 1, 4) if columns else z_.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
+                 for z_, columns in zip(lines, branches)]
+        lines = torch.stack(lines) if len(lines) > 1 else lines[0].unsqueeze(0)  # (K, B, L1, S, N, d)
+        K, B, L1, _, N, _ = lines.shape
+        if ops[0].generation == 'dynamic':  # flatten each segment's line token-major
+            lines = lines.reshape(K, B * L1 * S, N * d)
+        else:  # dense: each token's own row
+            lines = lines.reshape(K, B * L1 * S * N, d)
+        if K == 1:
+            logits = ops[0].generate(lines)
+        else:
+            weight = torch.stack([op.generate.weight for op in ops]).transpose(1, 2)
+            bias = torch.stack([op.generate.bias for op in ops]).unsqueeze(1)
+            logits = torch.baddbmm(bias, lines, weight)
+        return logits.view(K, B, L1, S, N, N).softmax(dim=-1)
+
+    def mixing_matrices(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row ``(B, H, S, W, W)`` and column ``(B, W, S, H, H)`` mixing matrices of a map of the built size."""
+        if x.shape[1] == x.shape[2]:
+            mix = self._branch_mixing(x, (False, True))
+            return mix[0], mix[1]
+        return self._branch_mixing(x, (False,))[0], self._branch_mixing(x, (True,))[0]
+
+    def _branches(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row branch ``(B, H, W, C)`` and column branch ``(B, W, H, C)`` (both contiguous)."""
+        B, H, W, C = x.shape
+        row, col = self.row_mix, self.column_op
+        if W != row.seq_len or H != col.seq_len:  # windows of the built line length
+            rows = _mix_lines(row, x.reshape(B * H, W, C), self.dynamic_size).view(B, H, W, C)
+            cols = _mix_lines(col, x.transpose(1, 2).reshape(B * W, H, C), self.dynamic_size).view(B, W, H, C)
+            return rows, cols
+        groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
+        outs = []
+        for branches in groups:
+            ops = [col if columns else row for columns in branches]
+            mix = self._branch_mixing(x, branches)
+            weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
+            bias = torch.stack([op.proj.bias for op in ops]) if len(ops) > 1 else ops[0].proj.bias[None]
+            outs.extend(_MixProject.apply(mix, x, weight, bias, branches).unbind(0))
+        return outs[0], outs[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        rows = _mix_lines(self.row_mix, x.reshape(B * H, W, C), self.dynamic_size).view(B, H, W, C)
-        cols = _mix_lines(self.column_op, x.transpose(1, 2).reshape(B * W, H, C), self.dynamic_size)
-        cols = cols.view(B, W, H, C).transpose(1, 2)
+        rows, cols = self._branches(x)
+        cols = cols.transpose(1, 2)  # (B, H, W, C) view
         chans = self.channel_mix(x)
         if self.reweight is None:
-            x = rows + cols + chans
+            x = (rows + chans).add_(cols)
         else:
-            weights = (rows + cols + chans).mean(dim=(1, 2))
+            weights = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
             weights = self.reweight(weights).view(B, C, 3).softmax(dim=-1)  # per channel, over 3 branches
             weights = weights[:, None, None, :, :]  # branch order (column, row, channel) as in the official code
-            x = cols * weights[..., 0] + rows * weights[..., 1] + chans * weights[..., 2]
+            x = (rows * weights[..., 1]).addcmul_(cols, weights[..., 0]).addcmul_(chans, weights[..., 2])
         return self.proj_drop(self.proj(x))
 
 
