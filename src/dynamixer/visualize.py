@@ -176,7 +176,8 @@ def draw(image: np.ndarray, mats: Dict[str, np.ndarray], token: Tuple[int, int],
     axes[2, 0].axis('off')
     axes[2, 0].text(0, 0.5, f'rows: {W} tokens\ncolumns: {H} tokens\nuniform = 1/{W}'
                     + (f', 1/{H}' if H != W else '')
-                    + (f'\n(first {shown} of {S}\nsegments)' if shown < S else f'\n{S} segments'),
+                    + (f'\n(first {shown} of {S}\nsegments)' if shown < S else f'\n{S} segments')
+                    + '\n\nbottom: the token\'s\nweights over its row\nand column (its own\ncell: both self-weights)',
                     fontsize=8, va='center', transform=axes[2, 0].transAxes)
     for s in range(shown):
         ax = axes[0, s + 1]
