@@ -96,9 +96,9 @@ class DynaMixerOp(nn.Module):
         z = self.compress(x)
         if valid is not None:
             z = z * valid.unsqueeze(-1).to(z.dtype)  # padding contributes nothing to generation
-        z = z.view(L, N, S, d).transpose(1, 2)  # (L, S, N, d)
+        z = z.view(-1, N, S, d).transpose(1, 2)  # (L, S, N, d); -1 keeps traced exports batch-dynamic
         if self.generation == 'dynamic':
-            return self.generate(z.reshape(L, S, N * d)).view(L, S, N, N)
+            return self.generate(z.reshape(-1, S, N * d)).view(-1, S, N, N)
         return self.generate(z)  # dense: row j of the matrix from token j only
 
     def mixing_matrix(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -115,9 +115,9 @@ class DynaMixerOp(nn.Module):
                              f'build the model for this input size or use dynamic_img_size=True.')
         mix = self.mixing_matrix(x, valid)
         # the lines as a (L, 1, N, C) map whose rows are mixed
-        out = _MixProject.apply(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
+        out = _mix_project(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
                                 self.proj.bias.unsqueeze(0), (False,))
-        return out.view(L, N, C)
+        return out.view(-1, N, C)
 
 
 def _segments(x: torch.Tensor, num_segments: int, columns: bool) -> torch.Tensor:
@@ -147,7 +147,7 @@ def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]
     K, B, L1, S, N, _ = mix.shape
     xs = _stack_segments(x, S, branches)
     y = torch.bmm(mix.reshape(-1, N, N), xs.reshape(-1, N, xs.shape[-1]))  # bmm on 3-d is faster than matmul
-    return y.view(xs.shape).transpose(3, 4).reshape(K, -1, x.shape[-1])
+    return y.view(K, -1, *xs.shape[2:]).transpose(3, 4).reshape(K, -1, x.shape[-1])
 
 
 _AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
@@ -157,6 +157,22 @@ def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
     if device_type not in _AUTOCAST_DEVICES:  # e.g. meta tensors
         return False, None
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         branches: Tuple[bool, ...]) -> torch.Tensor:
+    y = _mixed_tokens(mix, x, branches)
+    out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
+    return out.view(mix.shape[0], -1, mix.shape[2], mix.shape[4], weight.shape[1])
+
+
+def _mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 branches: Tuple[bool, ...]) -> torch.Tensor:
+    """:class:`_MixProject` when gradients are needed, else its forward directly (traceable for export)."""
+    if torch.is_grad_enabled() and (mix.requires_grad or x.requires_grad or weight.requires_grad
+                                    or bias.requires_grad):
+        return _MixProject.apply(mix, x, weight, bias, branches)
+    return _mix_project_forward(mix, x, weight, bias, branches)
 
 
 class _MixProject(torch.autograd.Function):
@@ -175,10 +191,7 @@ class _MixProject(torch.autograd.Function):
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(mix, x, weight)
-        y = _mixed_tokens(mix, x, branches)
-        out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
-        K, B, L1, S, N, _ = mix.shape
-        return out.view(K, B, L1, N, -1)
+        return _mix_project_forward(mix, x, weight, bias, branches)
 
     @staticmethod
     def backward(ctx, grad):
@@ -220,11 +233,11 @@ def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> tor
                          f'build the model for this input size or use dynamic_img_size=True.')
     num_windows = (n + N - 1) // N
     padded = num_windows * N
-    lines = F.pad(lines, (0, 0, 0, padded - n)).reshape(L * num_windows, N, C)
-    valid = torch.arange(padded, device=lines.device) < n
-    valid = valid.view(1, num_windows, N).expand(L, -1, -1).reshape(L * num_windows, N)
+    valid = torch.ones_like(lines[..., 0], dtype=torch.bool)  # (L, n)
+    lines = F.pad(lines, (0, 0, 0, padded - n)).reshape(-1, N, C)
+    valid = F.pad(valid, (0, padded - n)).reshape(-1, N)  # padding is invalid
     out = op(lines, valid)
-    return out.view(L, padded, C)[:, :n]
+    return out.view(-1, padded, C)[:, :n]
 
 
 class DynaMixerTokenMixer(nn.Module):
@@ -292,16 +305,16 @@ class DynaMixerTokenMixer(nn.Module):
         lines = torch.stack(lines) if len(lines) > 1 else lines[0].unsqueeze(0)  # (K, B, L1, S, N, d)
         K, B, L1, _, N, _ = lines.shape
         if ops[0].generation == 'dynamic':  # flatten each segment's line token-major
-            lines = lines.reshape(K, B * L1 * S, N * d)
+            lines = lines.reshape(K, -1, N * d)
         else:  # dense: each token's own row
-            lines = lines.reshape(K, B * L1 * S * N, d)
+            lines = lines.reshape(K, -1, d)
         if K == 1:
             logits = ops[0].generate(lines)
         else:
             weight = torch.stack([op.generate.weight for op in ops]).transpose(1, 2)
             bias = torch.stack([op.generate.bias for op in ops]).unsqueeze(1)
             logits = torch.baddbmm(bias, lines, weight)
-        return logits.view(K, B, L1, S, N, N).softmax(dim=-1)
+        return logits.view(K, -1, L1, S, N, N).softmax(dim=-1)
 
     def mixing_matrices(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Row ``(B, H, S, W, W)`` and column ``(B, W, S, H, H)`` mixing matrices of a map of the built size."""
@@ -315,8 +328,8 @@ class DynaMixerTokenMixer(nn.Module):
         B, H, W, C = x.shape
         row, col = self.row_mix, self.column_op
         if W != row.seq_len or H != col.seq_len:  # windows of the built line length
-            rows = _mix_lines(row, x.reshape(B * H, W, C), self.dynamic_size).view(B, H, W, C)
-            cols = _mix_lines(col, x.transpose(1, 2).reshape(B * W, H, C), self.dynamic_size).view(B, W, H, C)
+            rows = _mix_lines(row, x.reshape(-1, W, C), self.dynamic_size).view(-1, H, W, C)
+            cols = _mix_lines(col, x.transpose(1, 2).reshape(-1, H, C), self.dynamic_size).view(-1, W, H, C)
             return rows, cols
         groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
         outs = []
@@ -325,7 +338,7 @@ class DynaMixerTokenMixer(nn.Module):
             mix = self._branch_mixing(x, branches)
             weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
             bias = torch.stack([op.proj.bias for op in ops]) if len(ops) > 1 else ops[0].proj.bias[None]
-            outs.extend(_MixProject.apply(mix, x, weight, bias, branches).unbind(0))
+            outs.extend(_mix_project(mix, x, weight, bias, branches).unbind(0))
         return outs[0], outs[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +350,7 @@ class DynaMixerTokenMixer(nn.Module):
             x = (rows + chans).add_(cols)
         else:
             weights = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
-            weights = self.reweight(weights).view(B, C, 3).softmax(dim=-1)  # per channel, over 3 branches
+            weights = self.reweight(weights).view(-1, C, 3).softmax(dim=-1)  # per channel, over 3 branches
             weights = weights[:, None, None, :, :]  # branch order (column, row, channel) as in the official code
             x = (rows * weights[..., 1]).addcmul_(cols, weights[..., 0]).addcmul_(chans, weights[..., 2])
         return self.proj_drop(self.proj(x))

@@ -1,0 +1,482 @@
+"""Benchmark the fast DynaMixer against the plain reference implementation (same weights), side by side.
+
+For one variant, batch size, input size, precision, device and eager / ``--compile``: inference throughput,
+training throughput (forward + backward + AdamW step), peak memory, parameters, GMACs, achieved GFLOP/s and
+its fraction of this machine's dense-matmul peak (measured in the same run). The two implementations are
+timed interleaved (fast, reference, reference, fast, ...) so that background load hits both alike; every
+number is the median of ``--iters`` timed runs after ``--warmup`` untimed ones. ``--sweep`` instead measures
+inference cost against resolution for a model built at each size and for one dynamic-size model.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the step. On CPU,
+each measurement runs in a fresh subprocess: parameters, gradients and AdamW state are created first, the
+kernel's high-water mark (VmHWM) is reset through ``/proc/self/clear_refs`` and the peak resident memory of
+one step is reported above the resident memory just before it (activations and temporaries only).
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+IMPLEMENTATIONS = ('fast', 'reference')
+
+
+def _log(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f'[bench] {message}', file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    info = {'cpu': cpu_model(), 'threads': torch.get_num_threads(), 'torch': torch.__version__,
+            'platform': platform.platform(), 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec='seconds')}
+    try:
+        info['load_average'] = list(os.getloadavg())
+    except OSError:
+        pass
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def matmul_peak_gflops(device: torch.device, precision: str = 'fp32', size: Optional[int] = None,
+                       repeats: int = 3) -> float:
+    """Best of a few big square matmuls, in GFLOP/s (2 * n^3 per matmul), in the benchmark's precision."""
+    dtype = PRECISIONS[precision] or torch.float32
+    n = size or (8192 if device.type == 'cuda' else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def count_macs(model: torch.nn.Module, input_size: Sequence[int]) -> float:
+    """Multiply-adds of one forward pass at batch 1 (FlopCounterMode / 2), on the model's device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    param = next(model.parameters())
+    x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() / 2
+
+
+def build_models(name: str, img_size: int, model_args: Dict[str, Any], device: torch.device,
+                 implementations: Sequence[str] = IMPLEMENTATIONS, seed: int = 0) -> Dict[str, torch.nn.Module]:
+    """The fast model and (if asked) a reference copy with the same weights."""
+    import timm
+    import dynamixer  # noqa: F401  (registers the models)
+    from dynamixer.models.reference import reference_model
+    torch.manual_seed(seed)
+    kwargs = dict(model_args)
+    kwargs.setdefault('img_size', img_size)
+    fast = timm.create_model(name, **kwargs).to(device)
+    models = {}
+    for impl in implementations:
+        models[impl] = fast if impl == 'fast' else reference_model(fast)
+    return models
+
+
+class _Runner:
+    """One implementation's inference or training step, optionally compiled."""
+
+    def __init__(self, model: torch.nn.Module, mode: str, x: torch.Tensor, precision: str, compile: bool):
+        self.model, self.mode, self.x, self.precision = model, mode, x, precision
+        self.device = x.device
+        self.fn = torch.compile(model) if compile else model
+        self.optimizer = None
+        self.scaler = None
+        if mode == 'train':
+            model.train()
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            if precision == 'fp16' and self.device.type == 'cuda':
+                self.scaler = torch.amp.GradScaler('cuda')
+        else:
+            model.eval()
+
+    def prepare_state(self) -> None:
+        """Gradients and optimizer state exist, so that a step's memory is activations and temporaries."""
+        if self.optimizer is None:
+            return
+        for p in self.model.parameters():
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+
+    def step(self) -> None:
+        if self.mode == 'inference':
+            with torch.inference_mode(), _autocast(self.device, self.precision):
+                self.fn(self.x)
+        else:
+            self.optimizer.zero_grad(set_to_none=False)
+            with _autocast(self.device, self.precision):
+                loss = self.fn(self.x).float().logsumexp(-1).mean()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+        _sync(self.device)
+
+
+def time_interleaved(runners: Dict[str, _Runner], warmup: int, iters: int, quiet: bool = True,
+                     label: str = '') -> Dict[str, List[float]]:
+    """Seconds per step of each runner, alternating the order every iteration."""
+    names = list(runners)
+    for i in range(warmup):
+        for name in names:
+            start = time.perf_counter()
+            runners[name].step()
+            _log(f'{label} warm-up {i + 1}/{warmup} {name}: {time.perf_counter() - start:.3f}s', quiet)
+    times = {name: [] for name in names}
+    for i in range(iters):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            start = time.perf_counter()
+            runners[name].step()
+            times[name].append(time.perf_counter() - start)
+            _log(f'{label} run {i + 1}/{iters} {name}: {times[name][-1]:.3f}s', quiet)
+    return times
+
+
+def graph_breaks(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Number of graph breaks torch.compile would take in the forward pass."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x)
+    torch._dynamo.reset()
+    return int(explanation.graph_break_count)
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+def _read_status(field: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Peak memory of one step for one implementation (run this in a fresh process on CPU)."""
+    device = torch.device(cfg['device'])
+    torch.set_num_threads(cfg['threads'])
+    models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'])
+    model = models[cfg['impl']]
+    x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
+    runner = _Runner(model, cfg['mode'], x, cfg['precision'], compile=cfg['compile'])
+    runner.prepare_state()
+    if cfg['compile']:  # compile outside the measured step
+        runner.step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        runner.step()
+        return {'peak_bytes': torch.cuda.max_memory_allocated(device) - before, 'method': 'cuda_max_allocated'}
+    before = _read_status('VmRSS')
+    if _reset_peak_rss() and before is not None:
+        runner.step()
+        return {'peak_bytes': _read_status('VmHWM') - before, 'method': 'rss_high_water_mark'}
+    import resource  # fallback: lifetime peak of the process, less the resident memory before the step
+    runner.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {'peak_bytes': peak - (before or 0), 'method': 'ru_maxrss'}
+
+
+def peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``measure_peak_memory`` in a fresh subprocess on CPU (in-process on CUDA)."""
+    if cfg['device'].startswith('cuda'):
+        return measure_peak_memory(cfg)
+    cmd = [sys.executable, '-m', 'dynamixer.bench', '--_memory-worker', json.dumps(cfg)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f'memory measurement failed: {out.stderr.strip().splitlines()[-1:]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------- benchmark
+
+def _pair(size) -> tuple:
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def _summary(times: List[float], batch: int, flops_per_step: float, peak: float) -> Dict[str, Any]:
+    median = statistics.median(times)
+    gflops = flops_per_step / median / 1e9
+    return {'times_s': [round(t, 5) for t in times], 'median_s': median, 'img_per_s': batch / median,
+            'gflops': gflops, 'peak_fraction': gflops / peak}
+
+
+def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size: Optional[int] = None,
+              img_size: int = 224, precision: str = 'fp32', device: str = 'cpu', compile: bool = False,
+              warmup: int = 2, iters: int = 5, threads: Optional[int] = None,
+              modes: Sequence[str] = ('inference', 'train'), memory: bool = True, reference: bool = True,
+              model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True) -> Dict[str, Any]:
+    """Fast vs reference, as a JSON-able dict (see the module docstring)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError('--device cuda asked for, but this machine has no CUDA GPU; use --device cpu.')
+    for mode in modes:
+        if mode not in ('inference', 'train'):
+            raise ValueError(f"modes must be 'inference' and/or 'train', got {mode!r}.")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model_args = dict(model_args or {})
+    train_batch_size = train_batch_size or batch_size
+    impls = IMPLEMENTATIONS if reference else ('fast',)
+
+    _log(f'measuring the {precision} matmul peak', quiet)
+    peak = matmul_peak_gflops(dev, precision)
+    _log(f'building {model} at {img_size} ({", ".join(impls)})', quiet)
+    models = build_models(model, img_size, model_args, dev, impls, seed)
+    fast = models['fast']
+    input_size = (3, *_pair(img_size))
+    macs = count_macs(fast, input_size)
+    result = {
+        'machine': machine_info(dev),
+        'config': {'model': model, 'batch_size': batch_size, 'train_batch_size': train_batch_size,
+                   'img_size': img_size, 'precision': precision, 'device': device, 'compile': compile,
+                   'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed},
+        'matmul_peak_gflops': peak,
+        'params': sum(p.numel() for p in fast.parameters()),
+        'gmacs': macs / 1e9,
+        'flops_note': 'GFLOP/s = 2 * MACs per image * images / s; training counts 3x the forward (fwd + bwd)',
+    }
+    if compile:
+        _log('counting graph breaks', quiet)
+        result['graph_breaks'] = {impl: graph_breaks(m, torch.zeros(1, *input_size, device=dev))
+                                  for impl, m in models.items()}
+    for mode in modes:
+        batch = batch_size if mode == 'inference' else train_batch_size
+        x = torch.randn(batch, *input_size, device=dev)
+        runners = {impl: _Runner(m, mode, x, precision, compile) for impl, m in models.items()}
+        label = f'{mode} b{batch}'
+        start = time.perf_counter()
+        times = time_interleaved(runners, warmup, iters, quiet, label)
+        flops = 2 * macs * batch * (1 if mode == 'inference' else 3)
+        entry = {impl: _summary(t, batch, flops, peak) for impl, t in times.items()}
+        entry['batch_size'] = batch
+        entry['wall_s'] = time.perf_counter() - start
+        if reference:
+            entry['speedup'] = entry['reference']['median_s'] / entry['fast']['median_s']
+        if memory:
+            for impl in impls:
+                _log(f'{label} peak memory {impl}', quiet)
+                mem = peak_memory(dict(model=model, img_size=img_size, model_args=model_args, device=device,
+                                       impl=impl, batch_size=batch, mode=mode, precision=precision,
+                                       compile=compile, threads=torch.get_num_threads(), seed=seed))
+                entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
+                entry['memory_method'] = mem['method']
+            if reference:
+                entry['memory_ratio'] = entry['fast']['peak_memory_mb'] / entry['reference']['peak_memory_mb']
+        result[mode] = entry
+        del runners
+    return result
+
+
+def resolution_sweep(model: str = 'dynamixer_s', sizes: Sequence[int] = (160, 224, 320, 448), base_size: int = 224,
+                     batch_size: int = 8, precision: str = 'fp32', device: str = 'cpu', warmup: int = 1,
+                     iters: int = 3, threads: Optional[int] = None, model_args: Optional[Dict[str, Any]] = None,
+                     seed: int = 0, quiet: bool = True) -> Dict[str, Any]:
+    """Inference time against resolution: a model built at each size, and one built at ``base_size`` with
+    ``dynamic_img_size=True`` (mixing in windows of its built line length), with their GMACs."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model_args = dict(model_args or {})
+    dyn_args = dict(model_args, dynamic_img_size=True)
+    dynamic = build_models(model, base_size, dyn_args, dev, ('fast',), seed)['fast']
+    rows = []
+    for size in sizes:
+        _log(f'sweep {size}x{size}', quiet)
+        fixed = build_models(model, size, model_args, dev, ('fast',), seed)['fast']
+        x = torch.randn(batch_size, 3, size, size, device=dev)
+        runners = {'fixed': _Runner(fixed, 'inference', x, precision, False),
+                   'dynamic': _Runner(dynamic, 'inference', x, precision, False)}
+        times = time_interleaved(runners, warmup, iters, quiet, f'sweep {size}')
+        row = {'img_size': size,
+               'fixed_gmacs': count_macs(fixed, (3, size, size)) / 1e9,
+               'dynamic_gmacs': count_macs(dynamic, (3, size, size)) / 1e9}
+        for name in ('fixed', 'dynamic'):
+            median = statistics.median(times[name])
+            row[f'{name}_ms_per_img'] = median / batch_size * 1e3
+            row[f'{name}_img_per_s'] = batch_size / median
+        rows.append(row)
+        del fixed, runners
+    base = next((r for r in rows if r['img_size'] == base_size), rows[0])
+    for row in rows:
+        for name in ('fixed', 'dynamic'):
+            row[f'{name}_time_vs_base'] = row[f'{name}_ms_per_img'] / base[f'{name}_ms_per_img']
+            row[f'{name}_gmacs_vs_base'] = row[f'{name}_gmacs'] / base[f'{name}_gmacs']
+    return {'machine': machine_info(dev),
+            'config': {'model': model, 'sizes': list(sizes), 'base_size': base_size, 'batch_size': batch_size,
+                       'precision': precision, 'device': device, 'warmup': warmup, 'iters': iters,
+                       'model_args': model_args, 'seed': seed},
+            'sweep': rows}
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+
+def format_table(result: Dict[str, Any]) -> str:
+    cfg, machine = result['config'], result['machine']
+    lines = [f"{cfg['model']} {cfg['img_size']}px {cfg['precision']} {cfg['device']} "
+             f"{'compiled' if cfg['compile'] else 'eager'}, {machine['threads']} threads, torch {machine['torch']}",
+             f"{machine['cpu']}; params {result['params']:,}; {result['gmacs']:.3f} GMACs/img; "
+             f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
+    if 'graph_breaks' in result:
+        lines.append('graph breaks: ' + ', '.join(f'{k} {v}' for k, v in result['graph_breaks'].items()))
+    header = '| mode | batch | impl | median s/step | img/s | GFLOP/s | % of peak | peak mem MB |'
+    lines += ['', header, '|' + '---|' * 8]
+    for mode in ('inference', 'train'):
+        if mode not in result:
+            continue
+        entry = result[mode]
+        for impl in IMPLEMENTATIONS:
+            if impl not in entry:
+                continue
+            e = entry[impl]
+            mem = f"{e['peak_memory_mb']:.0f}" if 'peak_memory_mb' in e else '-'
+            lines.append(f"| {mode} | {entry['batch_size']} | {impl} | {e['median_s']:.3f} | {e['img_per_s']:.1f} | "
+                         f"{e['gflops']:.1f} | {100 * e['peak_fraction']:.0f}% | {mem} |")
+        if 'speedup' in entry:
+            mem = f"{entry['memory_ratio']:.2f}x" if 'memory_ratio' in entry else '-'
+            lines.append(f"| {mode} | {entry['batch_size']} | **fast vs reference** | **{entry['speedup']:.2f}x** "
+                         f"faster | | | | {mem} |")
+    return '\n'.join(lines)
+
+
+def format_sweep(result: Dict[str, Any]) -> str:
+    cfg = result['config']
+    lines = [f"{cfg['model']} inference, batch {cfg['batch_size']}, {cfg['precision']} {cfg['device']}; "
+             f"dynamic = built at {cfg['base_size']} with dynamic_img_size=True",
+             '', '| size | fixed GMACs | fixed ms/img | fixed time / GMACs vs base | dynamic GMACs | dynamic ms/img '
+                 '| dynamic time / GMACs vs base |', '|' + '---|' * 7]
+    for r in result['sweep']:
+        lines.append(f"| {r['img_size']} | {r['fixed_gmacs']:.2f} | {r['fixed_ms_per_img']:.1f} | "
+                     f"{r['fixed_time_vs_base']:.2f} / {r['fixed_gmacs_vs_base']:.2f} | {r['dynamic_gmacs']:.2f} | "
+                     f"{r['dynamic_ms_per_img']:.1f} | {r['dynamic_time_vs_base']:.2f} / "
+                     f"{r['dynamic_gmacs_vs_base']:.2f} |")
+    return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+def _int_list(text: str) -> List[int]:
+    return [int(v) for v in text.split(',') if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', default='dynamixer_s', help='variant name')
+    parser.add_argument('--batch-size', type=int, default=32, help='inference batch size')
+    parser.add_argument('--train-batch-size', type=int, default=None, help='training batch size (default: --batch-size)')
+    parser.add_argument('--img-size', type=int, default=224, help='input size (square)')
+    parser.add_argument('--precision', choices=list(PRECISIONS), default='fp32',
+                        help='fp32, or bf16 / fp16 autocast')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
+    parser.add_argument('--compile', action='store_true', help='torch.compile both implementations')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed runs per implementation')
+    parser.add_argument('--iters', type=int, default=5, help='timed runs per implementation (median reported)')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: leave as is)')
+    parser.add_argument('--modes', default='inference,train', help='inference and/or train, comma-separated')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurements')
+    parser.add_argument('--no-reference', action='store_true', help='time the fast implementation only')
+    parser.add_argument('--model-args', default='{}', help='JSON of extra model constructor arguments')
+    parser.add_argument('--sweep', type=_int_list, default=None, metavar='SIZES',
+                        help='cost vs resolution at these sizes (e.g. 160,224,320,448) instead of the comparison')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    parser.add_argument('--output', default=None, help='also write the JSON to this file')
+    parser.add_argument('--quiet', action='store_true', help='no progress output on stderr')
+
+
+def run(args) -> int:
+    try:
+        model_args = json.loads(args.model_args)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--model-args is not valid JSON ({e}); give e.g. \'{{"depths": [1, 1, 1, 1]}}\'.')
+    if args.sweep:
+        result = resolution_sweep(args.model, args.sweep, args.img_size, args.batch_size, args.precision,
+                                  args.device, args.warmup, args.iters, args.threads, model_args, args.seed,
+                                  args.quiet)
+        table = format_sweep(result)
+    else:
+        result = benchmark(args.model, args.batch_size, args.train_batch_size, args.img_size, args.precision,
+                           args.device, args.compile, args.warmup, args.iters, args.threads,
+                           [m.strip() for m in args.modes.split(',') if m.strip()], not args.no_memory,
+                           not args.no_reference, model_args, args.seed, args.quiet)
+        table = format_table(result)
+    if args.output:
+        tmp = f'{args.output}.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.output)
+    print(json.dumps(result, indent=2) if args.json else table)
+    return 0
+
+
+if __name__ == '__main__':
+    if len(sys.argv) == 3 and sys.argv[1] == '--_memory-worker':
+        print(json.dumps(measure_peak_memory(json.loads(sys.argv[2]))))
+        sys.exit(0)
+    from dynamixer.cli import main
+    sys.exit(main(['bench'] + sys.argv[1:]))

@@ -1,0 +1,141 @@
+"""Export a saved DynaMixer (a timm local-dir folder) to ONNX, TorchScript or a torch.export ExportedProgram.
+
+``dynamixer export --model-dir DIR --format onnx OUT.onnx`` loads ``DIR/config.json`` + ``DIR/model.safetensors``
+with ``timm.create_model('local-dir:DIR', pretrained=True)``, exports it with a dynamic batch axis, writes
+the file atomically (a temporary file in the same folder, then a rename) and checks the exported model
+against PyTorch on a batch of a different size (ONNX through onnxruntime); it exits 1 if they differ by
+more than ``--tolerance``.
+
+Input sizes: a model built for a fixed size accepts exactly that size (its mixing layers are sized by the
+line length), at any batch size. A ``dynamic_img_size=True`` model is exported at ``--img-size`` (default:
+the size it was built for): the window layout is traced for that size, so the exported graph accepts that
+size only (any batch); export once per input size you need.
+"""
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+FORMATS = ('onnx', 'torchscript', 'exported-program')
+
+
+def load_model_dir(path: str) -> nn.Module:
+    """The model of a timm local-dir folder (config.json + model.safetensors), in eval mode, on CPU."""
+    import timm
+    import dynamixer  # noqa: F401  (registers the architectures with timm)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f'model folder {path!r} does not exist; give the folder holding config.json '
+                                f'and model.safetensors.')
+    if not (folder / 'config.json').is_file():
+        raise ValueError(f'{path!r} has no config.json; give a timm local-dir model folder '
+                         f'(config.json with "architecture" and "model_args", and model.safetensors).')
+    if not (folder / 'model.safetensors').is_file():
+        raise ValueError(f'{path!r} has no model.safetensors next to its config.json.')
+    model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True)
+    return model.eval()
+
+
+def _input_size(model: nn.Module, img_size: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
+    if img_size is not None:
+        if not getattr(model, 'dynamic_img_size', False) and tuple(img_size) != tuple(model.img_size):
+            h, w = model.img_size
+            raise ValueError(f'this model was built for {h}x{w} inputs and accepts only that size; '
+                             f'drop --img-size or export a model built with dynamic_img_size=True.')
+        return (model.in_chans, *img_size)
+    return (model.in_chans, *model.img_size)
+
+
+def _atomic_target(out: Path, suffix: str) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', suffix=f'.tmp{suffix}', dir=out.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    torch.onnx.export(
+        model, (example,), str(path), dynamo=False, opset_version=opset, input_names=['images'],
+        output_names=['logits'], dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}},
+        do_constant_folding=True)
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def export_model(model: nn.Module, out: str, fmt: str = 'onnx', img_size: Optional[Tuple[int, int]] = None,
+                 opset: int = 17, check_batch: int = 3, tolerance: float = 1e-4, seed: int = 0) -> Dict[str, Any]:
+    """Export ``model`` to ``out`` (atomically) and compare the exported model with PyTorch.
+
+    Returns ``{'path', 'format', 'input_size', 'max_abs_diff', 'ok'}``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f'format must be one of {", ".join(FORMATS)}, got {fmt!r}.')
+    model = model.eval()
+    input_size = _input_size(model, img_size)
+    generator = torch.Generator().manual_seed(seed)
+    example = torch.randn(2, *input_size, generator=generator)
+    check = torch.randn(check_batch, *input_size, generator=generator)
+    target = Path(out)
+    tmp = _atomic_target(target, '.pt2' if fmt == 'exported-program' else target.suffix)
+    try:
+        with torch.no_grad():
+            expected = model(check)
+            if fmt == 'onnx':
+                _export_onnx(model, example, tmp, opset)
+                got = _run_onnx(tmp, check)
+            elif fmt == 'torchscript':
+                traced = torch.jit.trace(model, (example,), check_trace=False)
+                traced.save(str(tmp))
+                got = torch.jit.load(str(tmp))(check)
+            else:
+                batch = torch.export.Dim('batch', min=1, max=4096)
+                program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+                torch.export.save(program, str(tmp))
+                got = torch.export.load(str(tmp)).module()(check)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    diff = (got.float() - expected.float()).abs().max().item()
+    return {'path': str(target), 'format': fmt, 'input_size': list(input_size), 'check_batch': check_batch,
+            'max_abs_diff': diff, 'ok': diff <= tolerance}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('output', help='file to write (e.g. model.onnx, model.pt, model.pt2)')
+    parser.add_argument('--model-dir', required=True,
+                        help='timm local-dir model folder: config.json + model.safetensors')
+    parser.add_argument('--format', choices=FORMATS, default='onnx', help='export format')
+    parser.add_argument('--img-size', type=int, nargs='+', default=None, metavar='SIZE',
+                        help='input size H [W] to export at (dynamic_img_size models only; default: built size)')
+    parser.add_argument('--opset', type=int, default=17, help='ONNX opset')
+    parser.add_argument('--tolerance', type=float, default=1e-4,
+                        help='largest accepted |exported - torch| on the check batch')
+    parser.add_argument('--json', action='store_true', help='print the result as JSON')
+
+
+def run(args) -> int:
+    img_size = None
+    if args.img_size:
+        if len(args.img_size) > 2:
+            raise ValueError(f'--img-size takes H or H W, got {len(args.img_size)} values.')
+        img_size = (args.img_size[0], args.img_size[-1])
+    model = load_model_dir(args.model_dir)
+    result = export_model(model, args.output, args.format, img_size, args.opset, tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        c, h, w = result['input_size']
+        print(f"wrote {result['path']} ({result['format']}, input (batch, {c}, {h}, {w}), dynamic batch); "
+              f"max |exported - torch| = {result['max_abs_diff']:.2e} on a batch of {result['check_batch']} "
+              f"({'ok' if result['ok'] else 'MISMATCH'})")
+    return 0 if result['ok'] else 1
