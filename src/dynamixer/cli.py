@@ -14,6 +14,8 @@ COMMANDS = {
     'convert': ('dynamixer.convert', 'convert an official DynaMixer checkpoint to ours (.safetensors)'),
     'ablate': ('dynamixer.ablate', 'train a grid of model variants with one budget and tabulate them'),
     'visualize': ('dynamixer.visualize', 'draw the mixing matrices a trained model generates for an image'),
+    'bench': ('dynamixer.bench', 'time the fast DynaMixer against the plain reference (speed, memory, GFLOP/s)'),
+    'export': ('dynamixer.export', 'export a saved model folder to ONNX / TorchScript / ExportedProgram'),
 }
 
 
