@@ -1,0 +1,126 @@
+"""The fast DynaMixer equals the plain reference implementation (same weights): outputs and gradients."""
+import pytest
+import timm
+import torch
+
+import dynamixer  # noqa: F401  (registers the models)
+from dynamixer.models.dynamixer import DynaMixerTokenMixer
+from dynamixer.models.reference import ReferenceTokenMixer, reference_model
+
+OUT_TOL, GRAD_TOL = 1e-5, 1e-4
+# a small model with the structure of the paper's variants (four stages, a transition after stage 1)
+TINY = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_segments=(2, 4, 4, 4), num_classes=7)
+
+
+def _compare(model, x, grads: bool = True):
+    """Outputs (eval) and gradients of parameters and input (train, no dropout) of model vs its reference."""
+    ref = reference_model(model)
+    assert not any(isinstance(m, DynaMixerTokenMixer) for m in ref.modules())
+    assert sum(isinstance(m, ReferenceTokenMixer) for m in ref.modules()) == \
+        sum(isinstance(m, DynaMixerTokenMixer) for m in model.modules()) > 0
+    assert ref.state_dict().keys() == model.state_dict().keys()
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        out, expected = model(x), ref(x)
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= OUT_TOL
+    if not grads:
+        return
+    model.train(), ref.train()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (model(xa).square().sum()).backward()
+    (ref(xb).square().sum()).backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        q = ref_params[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            err = (p.grad - q.grad).abs().max().item()
+            assert err <= GRAD_TOL * max(1.0, q.grad.abs().max().item()), f'{name}: {err}'
+    assert (xa.grad - xb.grad).abs().max().item() <= GRAD_TOL
+
+
+@pytest.mark.parametrize('name,img_size', [('dynamixer_s', 56), ('dynamixer_m', 56), ('dynamixer_l', 56)])
+def test_paper_variant_structure(name, img_size):
+    """S / M / L widths, segments and reduced dims, one layer per stage, at a small input size."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, depths=(1, 1, 1, 1), img_size=img_size, num_classes=10)
+    _compare(model, torch.randn(2, 3, img_size, img_size))
+
+
+@pytest.mark.parametrize('name', ['dynamixer_cifar_t', 'dynamixer_cifar_s'])
+def test_cifar_variants(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    _compare(model, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize('generation', ['dynamic', 'static', 'dense'])
+@pytest.mark.parametrize('share_row_col', [False, True])
+@pytest.mark.parametrize('fusion', ['reweight', 'sum'])
+def test_strategies_sharing_fusion(generation, share_row_col, fusion):
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', generation=generation, share_row_col=share_row_col,
+                              fusion=fusion, reduced_dims=3, **TINY)
+    _compare(model, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize('img_size', [(48, 48), (40, 24), (24, 56)])
+def test_other_and_non_square_sizes(img_size):
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', img_size=img_size, **TINY)
+    _compare(model, torch.randn(2, 3, *img_size))
+
+
+@pytest.mark.parametrize('input_size', [(48, 40), (20, 24), (32, 58), (64, 64)])
+def test_dynamic_img_size_windows(input_size):
+    """Built at 32, run larger and smaller (padded, masked windows); the last case is exact multiples."""
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', dynamic_img_size=True, **TINY)
+    _compare(model, torch.randn(2, 3, *input_size))
+
+
+def test_dynamic_img_size_with_sharing_and_static():
+    torch.manual_seed(0)
+    for kwargs in (dict(share_row_col=True), dict(generation='static', fusion='sum')):
+        model = timm.create_model('dynamixer_cifar_t', dynamic_img_size=True, **kwargs, **TINY)
+        _compare(model, torch.randn(2, 3, 40, 28))
+
+
+def test_token_mixer_alone_and_mixing_matrices():
+    """The block on its own, and the batched mixing matrices equal each op's own ``mixing_matrix``."""
+    torch.manual_seed(0)
+    mixer = DynaMixerTokenMixer(24, (6, 6), num_segments=4, reduced_dim=2)
+    ref = reference_model(mixer)
+    assert isinstance(ref, ReferenceTokenMixer)
+    x = torch.randn(3, 6, 6, 24)
+    with torch.no_grad():
+        assert (mixer(x) - ref(x)).abs().max().item() <= OUT_TOL
+        rows, cols = mixer.mixing_matrices(x)
+        expect_rows = mixer.row_mix.mixing_matrix(x.reshape(-1, 6, 24)).view(3, 6, 4, 6, 6)
+        expect_cols = mixer.col_mix.mixing_matrix(x.transpose(1, 2).reshape(-1, 6, 24)).view(3, 6, 4, 6, 6)
+    assert (rows - expect_rows).abs().max().item() <= 1e-6
+    assert (cols - expect_cols).abs().max().item() <= 1e-6
+
+
+def test_compile_fullgraph_matches_reference():
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', **TINY).eval()
+    ref = reference_model(model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend='eager')  # fullgraph: any graph break raises
+    with torch.no_grad():
+        assert (compiled(x) - ref(x)).abs().max().item() <= OUT_TOL
+    compiled(x.requires_grad_()).sum().backward()
+
+
+def test_bf16_autocast_runs_and_is_close():
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', **TINY)
+    ref = reference_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, expected = model(x), ref(x)
+        out.float().sum().backward()
+    assert (out.float() - expected.float()).abs().max().item() < 0.1
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
