@@ -12,6 +12,9 @@ from typing import List, Optional
 # subcommand -> (module, one-line help)
 COMMANDS = {
     'convert': ('dynamixer.convert', 'convert an official DynaMixer checkpoint to ours (.safetensors)'),
+    'train': ('dynamixer.train', 'train or fine-tune (digits by default; torchrun for DDP)'),
+    'eval': ('dynamixer.evaluate', 'top-1/top-5, loss, per-class accuracy and confusion matrix of a trained model'),
+    'predict': ('dynamixer.predict', 'top-k classes of image files with a trained model'),
     'ablate': ('dynamixer.ablate', 'train a grid of model variants with one budget and tabulate them'),
     'visualize': ('dynamixer.visualize', 'draw the mixing matrices a trained model generates for an image'),
     'bench': ('dynamixer.bench', 'time the fast DynaMixer against the plain reference (speed, memory, GFLOP/s)'),

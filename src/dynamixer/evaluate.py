@@ -1,0 +1,179 @@
+"""Evaluate a trained DynaMixer: top-1/top-5, loss, per-class accuracy and a confusion-matrix PNG.
+
+``dynamixer eval --model-dir runs/digits/model --data digits`` evaluates the model folder that
+``dynamixer train`` writes (timm's local-dir format) on a dataset's validation split, preprocessed the way
+the model's own data config says. ``evaluate()`` is also the validation loop of training.
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def load_model_dir(path: str, device: str = 'cpu') -> nn.Module:
+    """The model in a timm local-dir folder (config.json + model.safetensors), weights loaded, in eval mode."""
+    import timm
+    import dynamixer  # noqa: F401  registers the architectures with timm
+    folder = Path(path)
+    if not (folder / 'config.json').is_file():
+        raise ValueError(f'{path!r} has no config.json; give the model/ folder that dynamixer train writes '
+                         f'(e.g. runs/digits/model).')
+    if not (folder / 'model.safetensors').is_file():
+        raise ValueError(f'{path!r} has no model.safetensors; the training run that wrote it did not finish '
+                         f'an epoch.')
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    return model.to(device).eval()
+
+
+def label_names(model: nn.Module) -> List[str]:
+    names = model.pretrained_cfg.get('label_names')
+    return list(names) if names else [str(i) for i in range(model.num_classes)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int,
+             amp_dtype: Optional[torch.dtype] = None, progress: bool = False) -> Dict[str, Any]:
+    """Sums of loss, top-1/top-5 hits and the confusion matrix over ``loader`` (not yet averaged, so that
+    ranks can add theirs up), plus the unreadable images met on the way."""
+    from tqdm import tqdm
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    hits = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)  # [true, predicted]
+    unreadable = []
+    k = min(5, num_classes)
+    for images, targets, bad in tqdm(loader, desc='eval', disable=not progress, leave=False, dynamic_ncols=True):
+        unreadable += bad
+        if len(targets) == 0:
+            continue
+        images, targets = images.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction='sum').double()
+        top = logits.topk(k, dim=1).indices
+        hits[0] += (top[:, 0] == targets).sum()
+        hits[1] += (top == targets[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes ** 2).view(
+            num_classes, num_classes).double()
+    return dict(loss_sum=loss_sum, hits=hits, confusion=confusion, unreadable=unreadable)
+
+
+def summarize(sums: Dict[str, Any]) -> Dict[str, Any]:
+    """Averages (percent for accuracies) from ``evaluate`` sums."""
+    confusion = sums['confusion'].cpu()
+    n = confusion.sum().item()
+    if n == 0:
+        raise ValueError('no readable validation images; check the data folder.')
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1) * 100).tolist()
+    return dict(loss=sums['loss_sum'].item() / n, top1=sums['hits'][0].item() / n * 100,
+                top5=sums['hits'][1].item() / n * 100, count=int(n), per_class=per_class)
+
+
+def save_confusion_png(confusion: torch.Tensor, classes: Sequence[str], path: str, title: str = '') -> None:
+    """Row-normalised confusion matrix (true class down, predicted across), written atomically."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    cm = confusion.cpu().double()
+    cm = (cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
+    n = len(classes)
+    size = min(4 + 0.35 * n, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap='Blues', vmin=0, vmax=1)
+    if n <= 30:  # beyond that the labels are unreadable anyway
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j] >= 0.005:
+                    ax.text(j, i, f'{cm[i, j]:.2f}', ha='center', va='center', fontsize=7,
+                            color='white' if cm[i, j] > 0.5 else 'black')
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    ax.set_title(title)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _save_figure(fig, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.fig.', suffix='.png')
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format='png', dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument('--model-dir', required=True, help='model folder written by dynamixer train (OUTPUT/model)')
+    parser.add_argument('--data', default='digits',
+                        help='digits, cifar10, cifar100, or an ImageFolder path (its val/ split is evaluated)')
+    parser.add_argument('--data-dir', default='data', help='where cifar10/cifar100 are downloaded')
+    parser.add_argument('--val-split', type=float, default=0.,
+                        help='for a folder with no val/: the held-out fraction (use the value training used)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the train/val split (as in training)')
+    parser.add_argument('--batch-size', type=int, default=256, help='images per batch')
+    parser.add_argument('--workers', type=int, default=2, help='data loader worker processes')
+    parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument('--confusion', default=None,
+                        help='where to write the confusion-matrix PNG (default: MODEL_DIR/../confusion.png)')
+    parser.add_argument('--json', action='store_true', help='print the metrics as one JSON object')
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'--device {name} asked for a GPU but torch sees none; use --device cpu.')
+    return torch.device(name)
+
+
+def run(args) -> None:
+    from timm.data import resolve_data_config
+    from torch.utils.data import DataLoader
+    from dynamixer.data import collate, eval_transform, load_splits
+
+    device = resolve_device(args.device)
+    model = load_model_dir(args.model_dir, device)
+    classes = label_names(model)
+    splits = load_splits(args.data, args.data_dir, args.val_split, args.seed, in_chans=model.in_chans)
+    if splits.classes != classes:
+        raise ValueError(f'the data has classes {splits.classes[:5]}... but the model was trained on '
+                         f'{classes[:5]}...; evaluate on data with the same class folders.')
+    val = splits.val
+    val.transform = eval_transform(resolve_data_config(model=model))
+    loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+    sums = evaluate(model, loader, device, len(classes), progress=sys.stderr.isatty())
+    metrics = summarize(sums)
+    png = args.confusion or os.path.join(os.path.dirname(os.path.abspath(args.model_dir)), 'confusion.png')
+    save_confusion_png(sums['confusion'], classes, png,
+                       title=f'{splits.name} val: top-1 {metrics["top1"]:.2f}%')
+    metrics.update(confusion_png=png, unreadable=len(sums['unreadable']))
+    for u in sums['unreadable']:
+        print(f'warning: skipped unreadable image {u.path} ({u.reason})', file=sys.stderr)
+    if args.json:
+        metrics['per_class'] = dict(zip(classes, metrics['per_class']))
+        print(json.dumps(metrics))
+        return
+    print(f'{splits.name} val: {metrics["count"]} images  top-1 {metrics["top1"]:.2f}%  '
+          f'top-5 {metrics["top5"]:.2f}%  loss {metrics["loss"]:.4f}')
+    print('per-class top-1:')
+    width = max(len(c) for c in classes)
+    for c, acc in zip(classes, metrics['per_class']):
+        print(f'  {c:<{width}}  {acc:6.2f}%')
+    if sums['unreadable']:
+        print(f'skipped {len(sums["unreadable"])} unreadable images')
+    print(f'confusion matrix: {png}')

@@ -1,0 +1,637 @@
+"""Train or fine-tune a DynaMixer, on one CPU or, under torchrun, on many GPUs with DDP.
+
+``dynamixer train`` with no arguments trains a small DynaMixer on scikit-learn's digits in about a minute.
+``--recipe paper`` is the official ImageNet recipe, ``--recipe finetune`` the official transfer recipe.
+Every setting can be given as a flag or in a YAML ``--config``: flags beat the config file, which beats the
+recipe. A run writes to ``--output``: args.yaml, metrics.jsonl, curves.png, the best model as a timm model
+folder (``model/``, loadable with ``timm.create_model('local-dir:OUTPUT/model', pretrained=True)``) and
+checkpoint.pth, the full training state that ``--resume`` continues from.
+
+The loop is deliberately one plain function (``run``), in the spirit of nanoGPT's train.py: data, model,
+optimiser and scheduler come from timm and torch; what is ours is the order of the steps and the care that
+makes a killed run resumable to the same bits.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+# The default model for digits (8 x 8 grayscale): ~0.5M parameters, no patching, one downsample to 4 x 4.
+DIGITS_MODEL_KWARGS = dict(patch_size=1, depths=(1, 1, 1, 1), embed_dims=(64, 64, 128, 128),
+                           stage_strides=(1, 1, 2, 1), num_segments=(4, 4, 8, 8))
+
+# Settings that a recipe sets (everything else keeps its flag default). 'default' suits CPU-sized runs.
+RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
+    'default': lambda model: dict(),
+    # Official ImageNet recipe (8 GPUs): total batch and drop path depend on the size.
+    'paper': lambda model: dict(
+        opt='adamw', lr=2e-3, weight_decay=0.05, epochs=300, sched='cosine', warmup_epochs=20, warmup_lr=1e-6,
+        min_lr=1e-5, batch_size={'dynamixer_s': 2048, 'dynamixer_m': 1024, 'dynamixer_l': 512}.get(model, 1024),
+        drop_path=0.3 if model == 'dynamixer_l' else 0.1, crop='rrc', hflip=0.5, aa='rand-m9-mstd0.5-inc1',
+        reprob=0.25, smoothing=0.1, mixup=0.8, cutmix=1.0, color_jitter=0.4, model_ema=True,
+        model_ema_decay=0.99996, amp='bf16'),
+    # Official transfer recipe (CIFAR-10/100 at 224): SGD, backbone at 1/100 of the head's learning rate.
+    'finetune': lambda model: dict(
+        opt='sgd', momentum=0.9, lr=0.01, backbone_lr_scale=0.01, weight_decay=5e-4, batch_size=128, epochs=60,
+        sched='cosine', warmup_epochs=0, min_lr=0., drop_path=0.1, crop='rrc', hflip=0.5, aa=None, reprob=0.,
+        smoothing=0., mixup=0., cutmix=0., color_jitter=0., model_ema=False),
+}
+
+NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', '_run', '_explicit'}
+CHECKPOINT = 'checkpoint.pth'
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite; raised (and reported as one line) instead of training on garbage."""
+
+
+def _tracked(action_cls: type) -> type:
+    """An argparse action that also records which flags were given, so that they beat config and recipe."""
+    class Tracked(action_cls):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            namespace._explicit = set(getattr(namespace, '_explicit', ())) | {self.dest}
+    return Tracked
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from timm.utils import ParseKwargs
+    for name, cls in ((None, argparse._StoreAction), ('store', argparse._StoreAction),
+                      ('store_true', argparse._StoreTrueAction)):
+        parser.register('action', name, _tracked(cls))
+    boolean = _tracked(argparse.BooleanOptionalAction)
+
+    g = parser.add_argument_group('recipe and config')
+    g.add_argument('--recipe', default='default', choices=sorted(RECIPES),
+                   help='base settings: default (small CPU runs), paper (official ImageNet: AdamW 2e-3, 300 epochs, '
+                        'RandAugment, mixup/cutmix, EMA, amp), finetune (official transfer: SGD 0.01, backbone '
+                        'at 0.01x, 60 epochs; needs --init-checkpoint)')
+    g.add_argument('--config', default=None, help='YAML file of settings (keys as the flag names, - or _); '
+                                                  'flags given on the command line win')
+    g = parser.add_argument_group('data')
+    g.add_argument('--data', default='digits',
+                   help='digits (scikit-learn, 8x8), cifar10, cifar100 (torchvision, downloaded into --data-dir), '
+                        'or a folder with train/ and val/ (or only train/ with --val-split), one sub-folder per class')
+    g.add_argument('--data-dir', default='data', help='download folder for cifar10/cifar100')
+    g.add_argument('--val-split', type=float, default=0.,
+                   help='hold out this stratified fraction of train/ for validation (a folder without val/); '
+                        'digits always holds out 20%% unless set')
+    g.add_argument('--in-chans', type=int, default=None, help='1 (grayscale) or 3; default: 1 for digits, else 3')
+    g.add_argument('--img-size', type=int, default=None,
+                   help="input size; default: 8 for digits, else the model's (32 for dynamixer_cifar_*, 224 for S/M/L)")
+    g.add_argument('--workers', type=int, default=None, help='data loader processes per rank (default: 0 for '
+                                                             'digits, else min(4, CPUs))')
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default='dynamixer_cifar_t', help='DynaMixer variant (dynamixer list: s, m, l, cifar_t, '
+                                                                'cifar_s)')
+    g.add_argument('--model-kwargs', nargs='*', default=None, action=_tracked(ParseKwargs),
+                   help='constructor overrides as key=value, e.g. depths="(1,1,1,1)" embed_dims="(32,32,64,64)" '
+                        '(default for digits: ' + ' '.join(f'{k}={v}' for k, v in DIGITS_MODEL_KWARGS.items()).replace(' ', '') + ')')
+    g.add_argument('--init-checkpoint', default=None,
+                   help='start from these weights (our .safetensors, a model/ folder, or an official .pth); '
+                        'resampled to --img-size; the head is re-initialised when the class count differs '
+                        'and always with --recipe finetune')
+    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate (grows linearly over blocks)')
+    g.add_argument('--drop', type=float, default=0., help='dropout before the classifier')
+    g = parser.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=40, help='training epochs')
+    g.add_argument('--batch-size', type=int, default=64,
+                   help='TOTAL images per optimiser step, over all processes and --accum-steps')
+    g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation micro-steps per optimiser step')
+    g.add_argument('--opt', default='adamw', help='timm optimiser name (adamw, sgd, lamb, ...)')
+    g.add_argument('--lr', type=float, default=2e-3, help='peak learning rate')
+    g.add_argument('--backbone-lr-scale', type=float, default=1.,
+                   help='learning rate of everything but the head, relative to --lr (finetune: 0.01)')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (not on biases and norms)')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
+    g.add_argument('--sched', default='cosine', help='timm scheduler: cosine, step, plateau, ...')
+    g.add_argument('--warmup-epochs', type=float, default=2, help='linear warm-up epochs, from --warmup-lr')
+    g.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
+    g.add_argument('--min-lr', type=float, default=1e-5, help='final learning rate of the cosine')
+    g = parser.add_argument_group('augmentation and regularisation')
+    g.add_argument('--crop', default='auto', choices=['auto', 'rrc', 'pad'],
+                   help="'rrc': timm's random resized crop pipeline (ImageNet); 'pad': pad-and-crop for small images; "
+                        "'auto': pad for digits/CIFAR-sized inputs (<= 64 px), else rrc")
+    g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random resized crop area range (rrc)')
+    g.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (default: 0 for digits, '
+                                                             'else 0.5)')
+    g.add_argument('--aa', default=None, help='timm auto-augment policy (rrc), e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--color-jitter', type=float, default=0., help='colour jitter strength (rrc, without --aa)')
+    g.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--mixup', type=float, default=0., help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=float, default=0., help='cutmix alpha (0: off)')
+    g.add_argument('--model-ema', action=boolean, default=False, help='keep an EMA of the weights; validate and '
+                                                                      'save the EMA')
+    g.add_argument('--model-ema-decay', type=float, default=0.998, help='EMA decay per optimiser step')
+    g = parser.add_argument_group('speed and precision')
+    g.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='mixed precision (fp16 uses a '
+                                                                                   'gradient scaler)')
+    g.add_argument('--compile', action=boolean, default=False, help='torch.compile the model')
+    g.add_argument('--grad-checkpointing', action=boolean, default=False,
+                   help='recompute activations in backward to save memory')
+    g.add_argument('--device', default='auto', help="'auto' (the rank's GPU if any, else cpu), 'cpu', 'cuda'")
+    g = parser.add_argument_group('run')
+    g.add_argument('--output', default='runs/digits', help='output folder')
+    g.add_argument('--resume', action='store_true',
+                   help='continue from OUTPUT/checkpoint.pth with the settings of OUTPUT/args.yaml (flags given '
+                        'now still win, e.g. --epochs to train longer)')
+    g.add_argument('--checkpoint-every', type=int, default=0,
+                   help='also checkpoint every N optimiser steps within an epoch (0: at the end of each epoch only)')
+    g.add_argument('--seed', type=int, default=0, help='seed of initialisation, data order and augmentation')
+    g.add_argument('--deterministic', action='store_true',
+                   help='deterministic algorithms, so that a killed and resumed run ends with the same bits')
+    g.add_argument('--progress', action=boolean, default=True, help='show a progress bar per epoch')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# settings
+
+def _read_yaml(path: Path, what: str) -> Dict[str, Any]:
+    import yaml
+    if not path.is_file():
+        raise ValueError(f'{what} {str(path)!r} does not exist.')
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f'{what} {str(path)!r} should hold a mapping of setting: value.')
+    return {k.replace('-', '_'): v for k, v in data.items()}
+
+
+def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Flag defaults < recipe < --config < saved args.yaml (with --resume) < flags given on the command line."""
+    explicit = getattr(args, '_explicit', set())
+    defaults = {k: v for k, v in vars(args).items() if k not in NOT_HYPERPARAMETERS}
+    config = _read_yaml(Path(args.config), 'config file') if args.config else {}
+    saved = _read_yaml(Path(args.output) / 'args.yaml', 'saved settings') if args.resume else {}
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise ValueError(f'unknown setting(s) {", ".join(unknown)} in {args.config}; use flag names '
+                         f'(dynamixer train --help).')
+
+    def pick(key: str) -> Any:
+        if key in explicit:
+            return getattr(args, key)
+        return saved.get(key, config.get(key, defaults[key]))
+
+    recipe, model = pick('recipe'), pick('model')
+    if recipe not in RECIPES:
+        raise ValueError(f'unknown recipe {recipe!r}; choose one of {", ".join(RECIPES)}.')
+    layered = {**defaults, **RECIPES[recipe](model), **config, **saved}
+    layered.update({k: getattr(args, k) for k in explicit if k in defaults})
+    if layered['recipe'] == 'finetune' and not layered['init_checkpoint']:
+        raise ValueError('--recipe finetune starts from pretrained weights; give --init-checkpoint '
+                         '(a model/ folder, .safetensors or official .pth).')
+    for key in ('scale',):
+        layered[key] = list(layered[key])
+    return argparse.Namespace(**layered, resume=args.resume)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small helpers
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temporary file in the same folder and a rename, so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every global RNG the loop draws from (torch, python, numpy; CUDA when present), as plain data."""
+    np_state = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                 numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]))
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def weights_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (a fixed order per epoch from the seed) that can start part-way into the epoch and
+    stops after the last full optimiser step, so a resumed run sees exactly the batches a straight run would."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, samples_per_epoch: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.stop = samples_per_epoch
+        self.start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:self.stop])
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def build_model(cfg: argparse.Namespace, num_classes: int, in_chans: int, img_size: Optional[int]) -> nn.Module:
+    import dynamixer
+    kwargs = {}
+    init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else None
+    if init is not None and init.is_dir() and (init / 'config.json').is_file():
+        # a model folder says what it is; its architecture is the default for fine-tuning it
+        saved = json.loads((init / 'config.json').read_text())
+        if cfg.model == 'dynamixer_cifar_t' and saved.get('architecture'):
+            cfg.model = saved['architecture']
+        kwargs.update({k: v for k, v in saved.get('model_args', {}).items()
+                       if k not in ('num_classes', 'in_chans', 'img_size', 'global_pool')})
+    if cfg.model_kwargs is not None:
+        kwargs.update(cfg.model_kwargs)
+    elif cfg.data == 'digits' and init is None:
+        kwargs.update(DIGITS_MODEL_KWARGS)
+    if img_size:
+        kwargs['img_size'] = img_size
+    try:
+        model = dynamixer.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans,
+                                       drop_path_rate=cfg.drop_path, drop_rate=cfg.drop, **kwargs)
+    except TypeError as e:
+        raise ValueError(f'bad --model-kwargs for {cfg.model}: {e}.') from None
+    if init is not None:
+        from dynamixer.convert import load_checkpoint
+        path = init / 'model.safetensors' if init.is_dir() else init
+        if not path.exists():
+            raise ValueError(f'--init-checkpoint {str(init)!r} does not exist (expected a model/ folder, '
+                             f'.safetensors or .pth file).')
+        try:
+            load_checkpoint(model, path, reset_head=True)
+        except ValueError as e:
+            raise ValueError(f'--init-checkpoint {init}: {e}') from None
+    return model
+
+
+def set_data_cfg(model: nn.Module, classes: List[str], in_chans: int, small: bool) -> Dict[str, Any]:
+    """Record preprocessing and labels in the model's pretrained_cfg, so the saved model folder carries them."""
+    from timm.data import resolve_data_config
+    cfg = dict(model.pretrained_cfg)
+    h, w = model.img_size
+    cfg.update(input_size=(in_chans, h, w), num_classes=len(classes), label_names=list(classes))
+    if in_chans == 1 and len(cfg.get('mean', ())) != 1:
+        cfg.update(mean=(0.5,), std=(0.5,))
+    if small:
+        cfg.update(crop_pct=1.0)  # small images are used whole
+    model.pretrained_cfg = cfg
+    return resolve_data_config(model=model)
+
+
+def save_model_dir(model: nn.Module, folder: Path, classes: List[str]) -> None:
+    """The model as a timm local-dir folder: config.json (architecture, model_args, pretrained_cfg with
+    label names) and model.safetensors; ``timm.create_model('local-dir:FOLDER', pretrained=True)`` loads it."""
+    from timm.models._hub import save_config_for_hf
+    from dynamixer.convert import save_safetensors
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model.state_dict(), folder / 'model.safetensors')
+    _atomic_write(folder / 'config.json', lambda tmp: save_config_for_hf(
+        model, tmp, model_config=dict(label_names=list(classes))))
+
+
+def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [h['epoch'] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h['train_loss'] for h in history], label='train')
+    ax1.plot(epochs, [h['val_loss'] for h in history], label='val')
+    ax1.set_xlabel('epoch'), ax1.set_ylabel('loss'), ax1.legend()
+    ax2.plot(epochs, [h['val_top1'] for h in history], label='val top-1')
+    ax2.plot(epochs, [h['val_top5'] for h in history], label='val top-5')
+    ax2.set_xlabel('epoch'), ax2.set_ylabel('accuracy (%)'), ax2.legend()
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+    plt.close(fig)
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float) -> List[Dict[str, Any]]:
+    """timm's weight-decay groups (no decay on biases and norms), split into head and backbone so that the
+    scheduler (which honours ``lr_scale``) can run the backbone at a fraction of the head's rate."""
+    from timm.optim import param_groups_weight_decay
+    groups = []
+    for is_head in (False, True):
+        named = [(n, p) for n, p in model.named_parameters() if n.startswith('head.') == is_head]
+        for wd_group in param_groups_weight_decay(_Params(named), weight_decay):
+            if wd_group['params']:
+                groups.append(dict(wd_group, lr_scale=1. if is_head else backbone_lr_scale))
+    return groups
+
+
+class _Params(nn.Module):
+    """A bag of named parameters that looks like a module to timm's grouping helpers."""
+
+    def __init__(self, named):
+        super().__init__()
+        self._named = named
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(self._named)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+def run(args: argparse.Namespace) -> None:
+    cfg = resolve_settings(args)
+    out = Path(cfg.output)
+
+    # -- processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; one process otherwise
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        use_cuda = torch.cuda.is_available() and cfg.device in ('auto', 'cuda')
+        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
+        device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        from dynamixer.evaluate import resolve_device
+        rank, world, device = 0, 1, resolve_device(cfg.device)
+    master = rank == 0
+    try:
+        _train(cfg, out, rank, world, device, ddp, master)
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: bool, master: bool) -> None:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    from tqdm import tqdm
+    from dynamixer.data import collate, eval_transform, load_splits, train_transform
+    from dynamixer.evaluate import evaluate, summarize
+
+    log = print if master else (lambda *a, **k: None)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    seed_everything(cfg.seed)  # same on every rank: identical initial weights
+
+    # -- data and model
+    splits = load_splits(cfg.data, cfg.data_dir, cfg.val_split, cfg.seed, cfg.in_chans)
+    classes = splits.classes
+    img_size = cfg.img_size or (splits.native_size if cfg.data == 'digits' else None)
+    model = build_model(cfg, len(classes), splits.in_chans, img_size)
+    small = min(model.img_size) <= 64
+    data_config = set_data_cfg(model, classes, splits.in_chans, small)
+    crop = cfg.crop if cfg.crop != 'auto' else ('pad' if small else 'rrc')
+    hflip = cfg.hflip if cfg.hflip is not None else (0. if cfg.data == 'digits' else 0.5)
+    splits.train.transform = train_transform(data_config, crop, cfg.scale, hflip, cfg.aa, cfg.color_jitter,
+                                             cfg.reprob)
+    splits.val.transform = eval_transform(data_config)
+    splits.train.seed = cfg.seed
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    raw_model = model  # the plain module: what we save, evaluate and average
+
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise ValueError(f'--batch-size {cfg.batch_size} (the total per optimiser step) is not divisible by '
+                         f'{world} processes x {cfg.accum_steps} accumulation steps; adjust one of them.')
+    micro_batch = cfg.batch_size // (world * cfg.accum_steps)
+    per_rank = math.ceil(len(splits.train) / world)
+    steps_per_epoch = per_rank // (micro_batch * cfg.accum_steps)
+    if steps_per_epoch < 1:
+        raise ValueError(f'{len(splits.train)} training images are fewer than one batch of {cfg.batch_size}; '
+                         f'use a smaller --batch-size.')
+    sampler = EpochSampler(splits.train, world, rank, cfg.seed, steps_per_epoch * cfg.accum_steps * micro_batch)
+    workers = cfg.workers if cfg.workers is not None else (0 if cfg.data == 'digits' else min(4, os.cpu_count() or 1))
+    loader_rng = torch.Generator()  # the loader's own RNG, so it never draws from the checkpointed global one
+    loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, num_workers=workers,
+                        collate_fn=collate, generator=loader_rng, pin_memory=device.type == 'cuda',
+                        drop_last=True)
+    val_set = Subset(splits.val, range(rank, len(splits.val), world))  # no padding: exact metrics over ranks
+    val_loader = DataLoader(val_set, batch_size=micro_batch * 2, num_workers=workers, collate_fn=collate)
+
+    # -- optimisation
+    optimizer = create_optimizer_v2(param_groups(raw_model, cfg.weight_decay, cfg.backbone_lr_scale), opt=cfg.opt,
+                                    lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, min_lr=cfg.min_lr,
+                                       warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    ema = ModelEmaV3(raw_model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    amp_dtype = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                      num_classes=len(classes))
+        loss_fn = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        loss_fn = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+
+    # -- where we are: a fresh start, or the checkpoint of a killed run
+    start_epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1., []
+    running = dict(loss_sum=0., samples=0)
+    ckpt_path = out / CHECKPOINT
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise ValueError(f'nothing to resume: {ckpt_path} does not exist; start without --resume.')
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        try:
+            raw_model.load_state_dict(ckpt['model'])
+            if ema is not None and ckpt.get('ema') is not None:
+                ema.module.load_state_dict(ckpt['ema'])
+        except RuntimeError as e:
+            raise ValueError(f'{ckpt_path} holds another model than these settings build '
+                             f'({str(e).splitlines()[0]}); resume with the settings it was trained with.') from None
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        scaler.load_state_dict(ckpt['scaler'])
+        start_epoch, step_in_epoch, global_step = ckpt['epoch'], ckpt['step_in_epoch'], ckpt['global_step']
+        best_top1, history, running = ckpt['best_top1'], list(ckpt['history']), dict(ckpt['running'])
+        if master:
+            set_rng_state(ckpt['rng'])
+        else:  # only rank 0's RNG is saved; other ranks continue from a fresh, distinct stream
+            seed_everything(cfg.seed + 1000 * rank + global_step)
+        log(f'resumed from {ckpt_path}: epoch {start_epoch + 1}, step {step_in_epoch}/{steps_per_epoch}')
+    else:
+        seed_everything(cfg.seed + rank)  # distinct augmentation and drop-path per rank
+    if master:
+        import yaml
+        settings = {k: v for k, v in vars(cfg).items() if k != 'resume'}
+        _write_text(out / 'args.yaml', yaml.safe_dump(settings, sort_keys=False))
+
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    def save_checkpoint(epoch: int, step: int) -> None:
+        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                     ema=ema.module.state_dict() if ema is not None else None,
+                     epoch=epoch, step_in_epoch=step, global_step=global_step, best_top1=best_top1,
+                     history=history, running=running, rng=rng_state(), settings=json.dumps(vars(cfg)))
+        _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+
+    fault_step = int(os.environ.get('DYNAMIXER_FAULT_NAN_AT_STEP', -1))  # test hook: inject a NaN loss
+    warned = set()
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log(f'{cfg.model}: {n_params / 1e6:.2f}M parameters, input {tuple(data_config["input_size"])}; '
+        f'{splits.name}: {len(splits.train)} train / {len(splits.val)} val images, {len(classes)} classes; '
+        f'{world} process(es) on {device.type}, batch {cfg.batch_size} '
+        f'({micro_batch} x {world} x {cfg.accum_steps}), {steps_per_epoch} steps/epoch')
+
+    for epoch in range(start_epoch, cfg.epochs):
+        # -- train one epoch
+        sampler.set_epoch(epoch)
+        sampler.start = step_in_epoch * cfg.accum_steps * micro_batch
+        splits.train.epoch = epoch
+        loader_rng.manual_seed(cfg.seed * 100003 + epoch)
+        if step_in_epoch == 0:
+            running = dict(loss_sum=0., samples=0)
+        model.train()
+        t0, seen_now = time.time(), 0
+        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f'epoch {epoch + 1}/{cfg.epochs}',
+                   disable=not (master and cfg.progress), unit='step', dynamic_ncols=True, leave=False)
+        micro = 0
+        for images, targets, bad in loader:
+            for b in bad:
+                if b.path not in warned:
+                    warned.add(b.path)
+                    tqdm.write(f'warning: skipped unreadable image {b.path} ({b.reason})', file=sys.stderr)
+            micro += 1
+            last_micro = micro % cfg.accum_steps == 0
+            if len(targets) == 0:
+                continue
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            soft = targets
+            if mixup is not None:
+                if len(targets) % 2:  # mixup pairs images: drop one when a skipped image left an odd batch
+                    images, targets = images[:-1], targets[:-1]
+                images, soft = mixup(images, targets)
+            sync = nullcontext() if (not ddp or last_micro) else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = loss_fn(model(images), soft)
+                if global_step == fault_step:
+                    loss = loss * float('nan')
+                bad_loss = torch.tensor(float(not torch.isfinite(loss).item()), device=device)
+                if ddp:  # every rank must stop together, or the others wait forever in all-reduce
+                    dist.all_reduce(bad_loss)
+                if bad_loss.item():
+                    raise NonFiniteLossError(
+                        f'the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} (optimiser '
+                        f'step {global_step + 1}); training stopped. The last good checkpoint is {ckpt_path} '
+                        f'(continue with --resume); lower --lr or set --clip-grad.')
+                scaler.scale(loss / cfg.accum_steps).backward()
+            running['loss_sum'] += loss.item() * len(targets)
+            running['samples'] += len(targets)
+            seen_now += len(targets)
+            if not last_micro:
+                continue
+            scheduler.step_update(num_updates=global_step)  # this step's learning rate
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            step_in_epoch += 1
+            if ema is not None:
+                ema.update(raw_model, step=global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2e}')
+            if (master and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0
+                    and step_in_epoch < steps_per_epoch):
+                save_checkpoint(epoch, step_in_epoch)
+        bar.close()
+        train_time = time.time() - t0
+
+        # -- validate (the EMA when there is one), reduce over ranks, log, save
+        stats = torch.tensor([running['loss_sum'], running['samples'], seen_now], dtype=torch.float64, device=device)
+        sums = evaluate(ema.module if ema is not None else raw_model, val_loader, device, len(classes), amp_dtype)
+        for b in sums['unreadable']:
+            if b.path not in warned:
+                warned.add(b.path)
+                print(f'warning: skipped unreadable image {b.path} ({b.reason})', file=sys.stderr)
+        if ddp:
+            for t in (stats, sums['loss_sum'], sums['hits'], sums['confusion']):
+                dist.all_reduce(t)
+        val = summarize(sums)
+        record = dict(epoch=epoch + 1, train_loss=stats[0].item() / max(stats[1].item(), 1), val_loss=val['loss'],
+                      val_top1=val['top1'], val_top5=val['top5'], val_images=val['count'], lr=optimizer.param_groups[-1]['lr'],
+                      img_per_sec=stats[2].item() / max(train_time, 1e-9), epoch_time=train_time)
+        history.append(record)
+        log(f'epoch {epoch + 1}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}  val_loss {val["loss"]:.4f}  '
+            f'val_top1 {val["top1"]:.2f}%  val_top5 {val["top5"]:.2f}%  lr {record["lr"]:.2e}  '
+            f'{record["img_per_sec"]:.0f} img/s  {train_time:.1f}s')
+        step_in_epoch = 0
+        if master:
+            if val['top1'] > best_top1:
+                best_top1 = val['top1']
+                save_model_dir(ema.module if ema is not None else raw_model, out / 'model', classes)
+            _write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in history))
+            plot_curves(history, out / 'curves.png')
+            save_checkpoint(epoch + 1, 0)
+
+    if ddp:
+        dist.barrier()  # rank 0 has written everything before anyone reports done
+    hash_dir = os.environ.get('DYNAMIXER_WEIGHTS_HASH_DIR')  # test hook: proves ranks hold the same weights
+    if hash_dir:
+        _write_text(Path(hash_dir) / f'rank{rank}.txt', weights_hash(raw_model))
+    n_bad = torch.tensor(float(len(warned)), device=device)
+    if ddp:
+        dist.all_reduce(n_bad)
+    if n_bad.item():
+        log(f'skipped {int(n_bad.item())} unreadable image(s) in all', file=sys.stderr)
+    if history:
+        log(f'done: best val top-1 {best_top1:.2f}%, last {history[-1]["val_top1"]:.2f}%; model in {out / "model"}, '
+            f'metrics in {out / "metrics.jsonl"}')

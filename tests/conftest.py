@@ -1,0 +1,46 @@
+"""Shared test helpers: tiny image folders and a tiny DynaMixer, so that training tests take seconds."""
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# A DynaMixer small enough to train in a second on 8 x 8 images (about 20k parameters).
+TINY_MODEL = ['--model-kwargs', 'patch_size=1', 'depths=(1,1,1,1)', 'embed_dims=(16,16,32,32)',
+              'stage_strides=(1,1,2,1)', 'num_segments=(2,2,4,4)']
+
+
+def make_image_folder(root: Path, classes=('cat', 'dog', 'fox'), per_class: int = 12, size: int = 8,
+                      seed: int = 0) -> Path:
+    """Class folders of small RGB PNGs whose colour says the class (so a tiny model can learn them)."""
+    rng = np.random.default_rng(seed)
+    for i, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            base = np.zeros((size, size, 3), dtype=np.float64)
+            base[..., i % 3] = 200
+            image = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(folder / f'{j:03d}.png')
+    return root
+
+
+def write_corrupt_jpeg(path: Path) -> Path:
+    """A file named .jpg that holds a truncated JPEG header and garbage: PIL cannot decode it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'\xff\xd8\xff\xe0\x00\x10JFIF\x00' + b'\x00garbage' * 10)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """tmp/data/train/{cat,dog,fox} and tmp/data/val/{cat,dog,fox}."""
+    data = tmp_path / 'data'
+    make_image_folder(data / 'train', per_class=12, seed=0)
+    make_image_folder(data / 'val', per_class=4, seed=1)
+    return data
+
+
+def train_args(output: Path, *extra: str) -> List[str]:
+    return ['train', '--output', str(output), '--no-progress', '--workers', '0', *TINY_MODEL, *extra]

@@ -1,0 +1,273 @@
+"""dynamixer train: settings, outputs, data handling, errors, resume after SIGKILL, NaN stop, DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_MODEL, make_image_folder, train_args, write_corrupt_jpeg
+from dynamixer import cli
+from dynamixer.data import load_splits, stratified_split
+from dynamixer.train import resolve_settings
+
+TIMING_KEYS = ('img_per_sec', 'epoch_time')
+
+
+def _parse(*argv: str):
+    return cli._module_parser('train').parse_args(list(argv))
+
+
+def _metrics(out: Path):
+    return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _cli(capsys, *argv: str):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _subprocess(*argv: str, env=None, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
+    return subprocess.Popen([sys.executable, '-m', 'dynamixer.cli', *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_help_documents_every_flag():
+    parser = cli._module_parser('train')
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    text = parser.format_help()
+    for flag in ('--recipe', '--config', '--init-checkpoint', '--amp', '--compile', '--grad-checkpointing',
+                 '--accum-steps', '--model-ema', '--resume', '--val-split', '--deterministic', '--checkpoint-every'):
+        assert flag in text
+
+
+def test_flags_beat_config_beat_recipe(tmp_path):
+    config = tmp_path / 'c.yaml'
+    config.write_text(yaml.safe_dump({'lr': 0.5, 'weight-decay': 0.25, 'epochs': 7}))
+    cfg = resolve_settings(_parse('--recipe', 'paper', '--config', str(config), '--epochs', '3',
+                                  '--model', 'dynamixer_s'))
+    assert cfg.epochs == 3  # flag over config
+    assert cfg.lr == 0.5 and cfg.weight_decay == 0.25  # config over recipe
+    assert cfg.batch_size == 2048 and cfg.aa == 'rand-m9-mstd0.5-inc1' and cfg.model_ema  # recipe over defaults
+    assert cfg.mixup == 0.8 and cfg.cutmix == 1.0 and cfg.reprob == 0.25 and cfg.warmup_epochs == 20
+    assert resolve_settings(_parse('--recipe', 'paper', '--model', 'dynamixer_l')).batch_size == 512
+    assert resolve_settings(_parse('--recipe', 'paper', '--model', 'dynamixer_l')).drop_path == 0.3
+    assert resolve_settings(_parse('--recipe', 'paper', '--no-model-ema')).model_ema is False
+    # a flag given with the default's value still beats the recipe
+    assert resolve_settings(_parse('--recipe', 'paper', '--lr', '0.002', '--epochs', '40')).epochs == 40
+    ft = resolve_settings(_parse('--recipe', 'finetune', '--init-checkpoint', 'x.safetensors'))
+    assert (ft.opt, ft.lr, ft.backbone_lr_scale, ft.weight_decay, ft.batch_size, ft.epochs) == \
+        ('sgd', 0.01, 0.01, 5e-4, 128, 60)
+    with pytest.raises(ValueError, match='init-checkpoint'):
+        resolve_settings(_parse('--recipe', 'finetune'))
+    config.write_text(yaml.safe_dump({'learning_rate': 1}))
+    with pytest.raises(ValueError, match='learning_rate'):
+        resolve_settings(_parse('--config', str(config)))
+
+
+def test_stratified_split_is_deterministic_and_stratified():
+    targets = [0] * 40 + [1] * 20 + [2] * 20
+    train, val = stratified_split(targets, 0.25, seed=0)
+    assert (train, val) == stratified_split(targets, 0.25, seed=0)
+    assert sorted(train + val) == list(range(80))
+    assert [sum(targets[i] == c for i in val) for c in range(3)] == [10, 5, 5]
+    digits = load_splits('digits')
+    assert (len(digits.train), len(digits.val), digits.in_chans) == (1437, 360, 1)
+
+
+def test_digits_run_writes_everything(tmp_path, capsys):
+    out = tmp_path / 'run'
+    code, stdout, _ = _cli(capsys, *train_args(out, '--epochs', '2', '--batch-size', '128', '--model-ema'))
+    assert code == 0
+    assert 'epoch 2/2' in stdout and 'val_top1' in stdout
+    settings = yaml.safe_load((out / 'args.yaml').read_text())
+    assert settings['epochs'] == 2 and settings['model_ema'] is True
+    records = _metrics(out)
+    assert [r['epoch'] for r in records] == [1, 2]
+    for r in records:
+        assert {'epoch', 'train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr', 'img_per_sec'} <= set(r)
+        assert 0 <= r['val_top1'] <= r['val_top5'] <= 100 and r['val_images'] == 360
+    assert (out / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+    # the best model is a timm local-dir folder
+    import timm
+    model = timm.create_model(f'local-dir:{out / "model"}', pretrained=True).eval()
+    assert model.pretrained_cfg['label_names'] == [str(i) for i in range(10)]
+    assert tuple(model.pretrained_cfg['input_size']) == (1, 8, 8)
+    ckpt = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 2 and ckpt['ema'] is not None and ckpt['optimizer']['state']
+    best = max(records, key=lambda r: r['val_top1'])
+    if best['epoch'] == 2:  # the saved model is the validated one: the EMA
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, ckpt['ema'][k]), k
+
+
+def test_image_folder_with_only_train_and_a_corrupt_jpeg(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data' / 'train', per_class=12)
+    write_corrupt_jpeg(data / 'cat' / 'broken.jpg')
+    out = tmp_path / 'run'
+    code, stdout, err = _cli(capsys, *train_args(out.parent / 'nosplit', '--data', str(data.parent), '--epochs', '1'))
+    assert code == 2 and '--val-split' in err  # no val/ and no --val-split: told what to do
+
+    code, stdout, err = _cli(capsys, *train_args(out, '--data', str(data.parent), '--val-split', '0.25',
+                                                 '--epochs', '2', '--batch-size', '8', '--workers', '1'))
+    assert code == 0, err  # (a worker process reads the images: the report crosses processes)
+    assert err.count('warning: skipped unreadable image') == 1  # one warning, although the file is met in every epoch it is drawn
+    assert 'skipped 1 unreadable image' in err
+    records = _metrics(out)
+    assert len(records) == 2 and all(r['val_images'] in (9, 10) for r in records)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, capsys, image_folder):
+    common = ('--data', str(image_folder), '--epochs', '1', '--batch-size', '12', '--drop-path', '0',
+              '--smoothing', '0', '--warmup-epochs', '0', '--deterministic')
+    assert _cli(capsys, *train_args(tmp_path / 'a', *common))[0] == 0
+    assert _cli(capsys, *train_args(tmp_path / 'b', *common, '--accum-steps', '2'))[0] == 0
+    assert _cli(capsys, *train_args(tmp_path / 'c', *common, '--accum-steps', '2', '--lr', '0.01'))[0] == 0
+    torch.use_deterministic_algorithms(False)
+    a, b, c = (torch.load(tmp_path / r / 'checkpoint.pth', weights_only=True)['model'] for r in 'abc')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(a[k], c[k]) for k in a)  # and the comparison can fail
+
+
+def test_amp_grad_checkpointing_and_ema_run(tmp_path, capsys, image_folder):
+    out = tmp_path / 'run'
+    code, _, err = _cli(capsys, *train_args(out, '--data', str(image_folder), '--epochs', '1', '--batch-size', '12',
+                                            '--amp', 'bf16', '--grad-checkpointing', '--model-ema',
+                                            '--mixup', '0.8', '--cutmix', '1.0', '--crop', 'rrc', '--aa',
+                                            'rand-m9-mstd0.5-inc1', '--reprob', '0.25'))
+    assert code == 0, err
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert any(not torch.equal(ckpt['model'][k], ckpt['ema'][k]) for k in ckpt['model'])
+
+
+def test_finetune_from_model_dir_resets_head_and_resamples(tmp_path, capsys, image_folder):
+    src = tmp_path / 'src'
+    assert _cli(capsys, *train_args(src, '--epochs', '1', '--batch-size', '128'))[0] == 0  # digits: 10 classes, 8px
+    out = tmp_path / 'ft'
+    code, _, err = _cli(capsys, 'train', '--output', str(out), '--no-progress', '--recipe', 'finetune',
+                        '--init-checkpoint', str(src / 'model'), '--data', str(image_folder), '--in-chans', '1',
+                        '--img-size', '16', '--epochs', '1', '--batch-size', '12')
+    assert code == 0, err
+    settings = yaml.safe_load((out / 'args.yaml').read_text())
+    assert settings['opt'] == 'sgd' and settings['backbone_lr_scale'] == 0.01
+    import timm
+    model = timm.create_model(f'local-dir:{out / "model"}', pretrained=True)
+    assert model.num_classes == 3 and model.img_size == (16, 16)  # new head, resampled to 16 x 16
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    lrs = sorted({g['lr'] for g in ckpt['optimizer']['param_groups']})
+    assert len(lrs) == 2 and lrs[0] == pytest.approx(lrs[1] * 0.01)
+
+
+@pytest.mark.parametrize('case', ['missing', 'empty', 'val_extra_class', 'other_model', 'resume_other_model'])
+def test_user_errors_are_one_line(tmp_path, capsys, image_folder, case):
+    out = tmp_path / 'run'
+    if case == 'missing':
+        argv = train_args(out, '--data', str(tmp_path / 'nope'))
+        expect = 'does not exist'
+    elif case == 'empty':
+        (tmp_path / 'empty' / 'train' / 'cat').mkdir(parents=True)
+        argv = train_args(out, '--data', str(tmp_path / 'empty'))
+        expect = 'no images found'
+    elif case == 'val_extra_class':
+        make_image_folder(image_folder / 'val', classes=('cow',), per_class=2)
+        argv = train_args(out, '--data', str(image_folder))
+        expect = 'cow'
+    elif case == 'other_model':
+        other = tmp_path / 'other.safetensors'
+        from dynamixer.convert import save_safetensors
+        import dynamixer
+        m = dynamixer.create_model('dynamixer_cifar_t', img_size=8, num_classes=3)
+        save_safetensors(m.state_dict(), other)
+        argv = train_args(out, '--data', str(image_folder), '--init-checkpoint', str(other))
+        expect = 'does not fit'
+    else:
+        assert _cli(capsys, *train_args(out, '--data', str(image_folder), '--epochs', '1',
+                                        '--batch-size', '12'))[0] == 0
+        argv = ['train', '--output', str(out), '--no-progress', '--resume', '--model-kwargs', 'patch_size=1',
+                'depths=(1,1,1,1)', 'embed_dims=(8,8,16,16)', 'stage_strides=(1,1,2,1)', 'num_segments=(2,2,4,4)',
+                '--epochs', '2']
+        expect = 'another model'
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2
+    assert err.strip().count('\n') == 0 and 'Traceback' not in err, err
+    assert err.startswith('dynamixer train: error:') and expect in err
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, image_folder):
+    out = tmp_path / 'run'
+    os.environ['DYNAMIXER_FAULT_NAN_AT_STEP'] = '5'
+    try:
+        code, _, err = _cli(capsys, *train_args(out, '--data', str(image_folder), '--epochs', '3',
+                                                '--batch-size', '12', '--checkpoint-every', '1'))
+    finally:
+        del os.environ['DYNAMIXER_FAULT_NAN_AT_STEP']
+    assert code == 2
+    assert 'optimiser step 6' in err and 'nan' in err and 'Traceback' not in err
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['global_step'] == 5  # the last good state
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_sigkill_and_resume_gives_the_same_bits(tmp_path, image_folder):
+    """A run killed mid-epoch and resumed ends bitwise where an uninterrupted run ends (weights and metrics)."""
+    common = ['--data', str(image_folder), '--epochs', '3', '--batch-size', '8', '--deterministic',
+              '--checkpoint-every', '2', '--model-ema', '--mixup', '0.4', '--workers', '0']
+    straight = _subprocess(*train_args(tmp_path / 'straight', *common))
+    killed_out = tmp_path / 'killed'
+    killed = _subprocess(*train_args(killed_out, *common))
+    deadline = time.time() + 120
+    while not (killed_out / 'checkpoint.pth').exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, 'the run ended before it could be killed'
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    first = torch.load(killed_out / 'checkpoint.pth', weights_only=True)
+    assert (first['epoch'], first['step_in_epoch']) == (0, 2)  # killed mid-epoch, after the first checkpoint
+    resumed = _subprocess('train', '--output', str(killed_out), '--resume', '--no-progress')
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+    a = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)
+    b = torch.load(killed_out / 'checkpoint.pth', weights_only=True)
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+    assert strip(_metrics(tmp_path / 'straight')) == strip(_metrics(killed_out))
+    assert len(_metrics(killed_out)) == 3
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path, image_folder):
+    hashes = tmp_path / 'hashes'
+    out = tmp_path / 'ddp'
+    env = dict(os.environ, OMP_NUM_THREADS='1', DYNAMIXER_WEIGHTS_HASH_DIR=str(hashes))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
+           '-m', 'dynamixer.cli', *train_args(out, '--data', str(image_folder), '--epochs', '2',
+                                              '--batch-size', '8', '--workers', '0')]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    h0, h1 = ((hashes / f'rank{r}.txt').read_text() for r in (0, 1))
+    assert h0 == h1
+    from dynamixer.train import weights_hash
+    import dynamixer
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    model = dynamixer.create_model('dynamixer_cifar_t', img_size=32, num_classes=3, patch_size=1, depths=(1, 1, 1, 1),
+                                   embed_dims=(16, 16, 32, 32), stage_strides=(1, 1, 2, 1), num_segments=(2, 2, 4, 4))
+    model.load_state_dict(ckpt['model'])
+    assert weights_hash(model) == h0  # rank 0 saved what both ranks hold
+    records = _metrics(out)
+    assert all(r['val_images'] == 12 for r in records)  # validation reduced over both ranks, no duplicates
+    assert '2 process(es)' in proc.stdout and proc.stdout.count('epoch 2/2 ') == 1  # rank 1 stays quiet
+    settings = yaml.safe_load((out / 'args.yaml').read_text())
+    assert settings['batch_size'] == 8
+    assert ckpt['global_step'] == 2 * (36 // 2 // 4)  # 4 images per rank per step
