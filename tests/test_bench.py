@@ -1,0 +1,88 @@
+"""dynamixer bench on a tiny model: JSON fields, ratios computed from the two measurements, sweep, CLI."""
+import json
+
+import pytest
+import torch
+
+from dynamixer import bench
+from dynamixer.cli import main
+
+TINY = dict(depths=[1, 1, 1, 1], embed_dims=[16, 32, 32, 32], num_segments=[2, 4, 4, 4], num_classes=5)
+
+
+@pytest.fixture(scope='module')
+def result():
+    threads = torch.get_num_threads()
+    try:
+        return bench.benchmark('dynamixer_cifar_t', batch_size=2, train_batch_size=3, img_size=32, warmup=1,
+                               iters=3, threads=1, model_args=TINY, memory=True, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fields(result):
+    assert result['params'] > 0 and result['gmacs'] > 0 and result['matmul_peak_gflops'] > 0
+    assert result['machine']['threads'] == 1 and result['machine']['torch'] == torch.__version__
+    assert result['config']['model'] == 'dynamixer_cifar_t' and result['config']['model_args'] == TINY
+    for mode, batch in (('inference', 2), ('train', 3)):
+        entry = result[mode]
+        assert entry['batch_size'] == batch
+        for impl in ('fast', 'reference'):
+            e = entry[impl]
+            assert len(e['times_s']) == 3 and e['median_s'] > 0
+            assert e['img_per_s'] == pytest.approx(batch / e['median_s'])
+            assert e['peak_fraction'] == pytest.approx(e['gflops'] / result['matmul_peak_gflops'])
+            assert e['peak_memory_mb'] > 0
+        assert entry['memory_method'] in ('rss_high_water_mark', 'ru_maxrss', 'cuda_max_allocated')
+
+
+def test_ratios_come_from_the_two_measurements(result):
+    for mode in ('inference', 'train'):
+        entry = result[mode]
+        assert entry['speedup'] == pytest.approx(entry['reference']['median_s'] / entry['fast']['median_s'])
+        assert entry['memory_ratio'] == pytest.approx(
+            entry['fast']['peak_memory_mb'] / entry['reference']['peak_memory_mb'])
+    flops = 2 * result['gmacs'] * 1e9 * 3 * 3  # training: batch 3, 3x the forward
+    assert result['train']['fast']['gflops'] == pytest.approx(flops / result['train']['fast']['median_s'] / 1e9)
+
+
+def test_table_shows_both_and_the_ratio(result):
+    table = bench.format_table(result)
+    assert 'fast vs reference' in table and 'reference' in table
+    assert f"{result['inference']['speedup']:.2f}x" in table
+
+
+def test_cli_json_sweep(capsys):
+    threads = torch.get_num_threads()
+    try:
+        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--sweep', '24,32,48', '--img-size', '32',
+                   '--batch-size', '2', '--warmup', '0', '--iters', '1', '--threads', '1', '--quiet',
+                   '--model-args', json.dumps(TINY), '--json'])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r['img_size']: r for r in out['sweep']}
+    assert sorted(rows) == [24, 32, 48]
+    assert rows[32]['fixed_gmacs_vs_base'] == pytest.approx(1.0)
+    assert rows[48]['fixed_gmacs'] > rows[32]['fixed_gmacs'] > rows[24]['fixed_gmacs']
+    assert rows[48]['dynamic_gmacs'] > rows[24]['dynamic_gmacs']
+    assert all(r['fixed_ms_per_img'] > 0 and r['dynamic_ms_per_img'] > 0 for r in rows.values())
+
+
+def test_cli_table_and_errors(capsys, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--img-size', '32', '--batch-size', '2', '--warmup', '0',
+                   '--iters', '1', '--threads', '1', '--quiet', '--modes', 'inference', '--no-memory',
+                   '--model-args', json.dumps(TINY), '--output', str(tmp_path / 'r.json')])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    assert 'fast vs reference' in capsys.readouterr().out
+    assert json.loads((tmp_path / 'r.json').read_text())['inference']['speedup'] > 0
+    assert main(['bench', '--model-args', '{not json']) == 2
+    assert main(['bench', '--precision', 'fp32', '--modes', 'nope', '--model', 'dynamixer_cifar_t']) == 2
+    if not torch.cuda.is_available():
+        assert main(['bench', '--device', 'cuda']) == 2
+        assert 'no CUDA' in capsys.readouterr().err
