@@ -1,0 +1,92 @@
+"""dynamixer eval and dynamixer predict on a model folder written by dynamixer train."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import train_args
+from dynamixer import cli
+from dynamixer.data import load_splits
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory) -> Path:
+    """A tiny digits model, trained for two epochs."""
+    out = tmp_path_factory.mktemp('run')
+    assert cli.main(train_args(out, '--epochs', '2', '--batch-size', '128')) == 0
+    return out
+
+
+def _cli(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_reproduces_the_validation_of_training(trained, capsys, tmp_path):
+    png = tmp_path / 'cm.png'
+    code, out, err = _cli(capsys, 'eval', '--model-dir', str(trained / 'model'), '--data', 'digits',
+                          '--workers', '0', '--json', '--confusion', str(png))
+    assert code == 0, err
+    metrics = json.loads(out)
+    records = [json.loads(line) for line in (trained / 'metrics.jsonl').read_text().splitlines()]
+    best = max(records, key=lambda r: r['val_top1'])  # the model folder holds the best epoch's weights
+    assert metrics['count'] == 360
+    assert metrics['top1'] == pytest.approx(best['val_top1'], abs=1e-6)
+    assert metrics['top5'] == pytest.approx(best['val_top5'], abs=1e-6)
+    assert metrics['loss'] == pytest.approx(best['val_loss'], rel=1e-5)
+    assert set(metrics['per_class']) == {str(i) for i in range(10)}
+    # per-class accuracies weighted by class counts give the overall top-1
+    counts = np.bincount(load_splits('digits').val.targets)
+    overall = sum(metrics['per_class'][str(c)] * counts[c] for c in range(10)) / counts.sum()
+    assert overall == pytest.approx(metrics['top1'], abs=1e-6)
+    assert png.read_bytes()[:4] == b'\x89PNG'
+
+    code, out, _ = _cli(capsys, 'eval', '--model-dir', str(trained / 'model'), '--workers', '0')
+    assert code == 0 and 'top-1' in out and 'per-class' in out
+    assert (trained / 'confusion.png').is_file()  # default place: next to the model folder
+
+
+def test_predict_uses_the_models_own_preprocessing(trained, capsys, tmp_path):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    paths = []
+    for i in range(3):
+        path = tmp_path / f'digit{i}.png'
+        Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    code, out, err = _cli(capsys, 'predict', '--model-dir', str(trained / 'model'), '--json', '--topk', '3', *paths)
+    assert code == 0, err
+    results = [json.loads(line) for line in out.splitlines()]
+    assert [r['file'] for r in results] == paths
+    import timm
+    model = timm.create_model(f'local-dir:{trained / "model"}', pretrained=True).eval()
+    for i, r in enumerate(results):
+        probs = [t['prob'] for t in r['top']]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        # by hand: 1 channel, 0..1, normalised with mean 0.5 / std 0.5 (what the model folder says)
+        x = torch.tensor(np.round(digits.images[i] * 255 / 16) / 255, dtype=torch.float32)[None, None]
+        expected = model((x - 0.5) / 0.5).softmax(-1)[0]
+        p, idx = expected.topk(3)
+        assert [t['index'] for t in r['top']] == idx.tolist()
+        assert probs == pytest.approx(p.tolist(), abs=1e-5)
+        assert [t['label'] for t in r['top']] == [str(j) for j in idx.tolist()]
+
+    code, out, _ = _cli(capsys, 'predict', '--model-dir', str(trained / 'model'), paths[0])
+    assert code == 0 and out.splitlines()[0] == paths[0] and '%' in out.splitlines()[1]
+
+
+def test_bad_inputs_are_one_line_errors(trained, capsys, tmp_path):
+    not_image = tmp_path / 'notes.png'
+    not_image.write_text('not an image')
+    for argv, expect in [
+        (['predict', '--model-dir', str(trained / 'model'), str(not_image)], 'could not read'),
+        (['predict', '--model-dir', str(trained / 'model'), str(tmp_path / 'missing.png')], 'does not exist'),
+        (['predict', '--model-dir', str(tmp_path), str(not_image)], 'config.json'),
+        (['eval', '--model-dir', str(tmp_path / 'nowhere'), '--workers', '0'], 'config.json'),
+    ]:
+        code, _, err = _cli(capsys, *argv)
+        assert code == 2 and expect in err and 'Traceback' not in err and err.strip().count('\n') == 0, err
