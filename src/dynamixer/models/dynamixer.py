@@ -159,18 +159,21 @@ def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          branches: Tuple[bool, ...]) -> torch.Tensor:
     y = _mixed_tokens(mix, x, branches)
-    out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
+    if bias is None:  # the caller adds the bias where it costs no extra pass (in the fusion)
+        out = torch.bmm(y, weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
     return out.view(mix.shape[0], -1, mix.shape[2], mix.shape[4], weight.shape[1])
 
 
-def _mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def _mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  branches: Tuple[bool, ...]) -> torch.Tensor:
     """:class:`_MixProject` when gradients are needed, else its forward directly (traceable for export)."""
     if torch.is_grad_enabled() and (mix.requires_grad or x.requires_grad or weight.requires_grad
-                                    or bias.requires_grad):
+                                    or (bias is not None and bias.requires_grad)):
         return _MixProject.apply(mix, x, weight, bias, branches)
     return _mix_project_forward(mix, x, weight, bias, branches)
 
@@ -204,7 +207,7 @@ class _MixProject(torch.autograd.Function):
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
             if ctx.needs_input_grad[2]:
                 grad_weight = torch.bmm(grad.transpose(1, 2), _mixed_tokens(mix, x, branches))
-            if ctx.needs_input_grad[3]:
+            if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
                 grad_bias = grad.sum(1)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
                 grad_y = torch.bmm(grad, weight).view(K, B, L1, N, S, -1).transpose(3, 4)  # (K, B, L1, S, N, c)
@@ -323,36 +326,45 @@ class DynaMixerTokenMixer(nn.Module):
             return mix[0], mix[1]
         return self._branch_mixing(x, (False,))[0], self._branch_mixing(x, (True,))[0]
 
-    def _branches(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Row branch ``(B, H, W, C)`` and column branch ``(B, W, H, C)`` (both contiguous)."""
+    def _branches(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                                  Optional[torch.Tensor]]:
+        """Row branch ``(B, H, W, C)``, column branch ``(B, W, H, C)`` (both contiguous) and the biases of their
+        projections when these are still to be added (``None`` when already in)."""
         B, H, W, C = x.shape
         row, col = self.row_mix, self.column_op
         if W != row.seq_len or H != col.seq_len:  # windows of the built line length
             rows = _mix_lines(row, x.reshape(-1, W, C), self.dynamic_size).view(-1, H, W, C)
             cols = _mix_lines(col, x.transpose(1, 2).reshape(-1, H, C), self.dynamic_size).view(-1, W, H, C)
-            return rows, cols
+            return rows, cols, None, None
         groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
         outs = []
         for branches in groups:
             ops = [col if columns else row for columns in branches]
             mix = self._branch_mixing(x, branches)
             weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
-            bias = torch.stack([op.proj.bias for op in ops]) if len(ops) > 1 else ops[0].proj.bias[None]
-            outs.extend(_mix_project(mix, x, weight, bias, branches).unbind(0))
-        return outs[0], outs[1]
+            outs.extend(_mix_project(mix, x, weight, None, branches).unbind(0))
+        return outs[0], outs[1], row.proj.bias, col.proj.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        rows, cols = self._branches(x)
+        C = x.shape[-1]
+        rows, cols, bias_row, bias_col = self._branches(x)
         cols = cols.transpose(1, 2)  # (B, H, W, C) view
-        chans = self.channel_mix(x)
         if self.reweight is None:
-            x = (rows + chans).add_(cols)
+            bias = None if bias_row is None else bias_row + bias_col
+            x = F.linear(x, self.channel_mix.weight, bias).add_(rows).add_(cols)
         else:
-            weights = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
-            weights = self.reweight(weights).view(-1, C, 3).softmax(dim=-1)  # per channel, over 3 branches
-            weights = weights[:, None, None, :, :]  # branch order (column, row, channel) as in the official code
-            x = (rows * weights[..., 1]).addcmul_(cols, weights[..., 0]).addcmul_(chans, weights[..., 2])
+            chans = self.channel_mix(x)
+            means = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
+            if bias_row is not None:
+                means = means + (bias_row + bias_col)
+            weights = self.reweight(means).view(-1, C, 3).softmax(dim=-1)  # per channel, over 3 branches
+            # branch order (column, row, channel) as in the official code
+            w_col, w_row, w_chan = [w[:, None, None, :] for w in weights.unbind(-1)]
+            if bias_row is None:
+                x = rows * w_row
+            else:  # the branch biases, weighted, enter with the first product
+                x = torch.addcmul(w_row * bias_row + w_col * bias_col, rows, w_row)
+            x = x.addcmul_(cols, w_col).addcmul_(chans, w_chan)
         return self.proj_drop(self.proj(x))
 
 
