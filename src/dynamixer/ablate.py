@@ -399,7 +399,8 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
                      f'{row["gmacs"]:.4g} | {row["img_per_sec"]:.0f} | {_fmt_acc(row, "best")} | '
                      f'{_fmt_acc(row, "final")} |')
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
-    plot(out / 'accuracy.png', table, title=f'{model} ablation: best val top-1')
+    plot(out / 'accuracy.png', table,
+         title=f'{model} ablation: best val top-1 (bars: min-max over seeds; dashed line and band: base)')
 
 
 def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
@@ -419,6 +420,11 @@ def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
             err = [[y - r['best_top1_min']], [r['best_top1_max'] - y]]
             ax.errorbar([x], [y], yerr=err if r['runs'] > 1 else None, fmt='o', color=colors[group], capsize=3)
             ax.annotate(r['variant'], (x, y), textcoords='offset points', xytext=(4, 3), fontsize=7)
+        ref = table[0]  # the base, as a reference line (mean) and band (min-max over seeds)
+        if ref['runs']:
+            ax.axhline(ref['best_top1_mean'], color='grey', ls='--', lw=0.8)
+            if ref['runs'] > 1:
+                ax.axhspan(ref['best_top1_min'], ref['best_top1_max'], color='grey', alpha=0.12, lw=0)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('best val top-1 (%)')
