@@ -76,6 +76,9 @@ class ArrayDataset(ImageDataset):
     def load(self, index: int) -> Tuple[Image.Image, int]:
         return Image.fromarray(self.images[index]), self.targets[index]
 
+    def subset(self, indices: Sequence[int]) -> 'ArrayDataset':
+        return ArrayDataset(self.images[list(indices)], [self.targets[i] for i in indices], self.classes, self.mode)
+
 
 class FileDataset(ImageDataset):
     """Images read from disk: a list of (path, label)."""
@@ -90,6 +93,9 @@ class FileDataset(ImageDataset):
 
     def name(self, index: int) -> str:
         return self.samples[index][0]
+
+    def subset(self, indices: Sequence[int]) -> 'FileDataset':
+        return FileDataset([self.samples[i] for i in indices], self.classes, self.mode)
 
     def load(self, index: int) -> Tuple[Image.Image, int]:
         path, label = self.samples[index]
@@ -201,9 +207,26 @@ def _folder(path: str, val_split: float, seed: int, mode: str) -> Splits:
     return Splits(train, val, classes, 1 if mode == 'L' else 3, None, root.name)
 
 
+def limit(dataset: ImageDataset, count: Optional[int], seed: int) -> ImageDataset:
+    """A stratified, deterministic subset of ``count`` images (all of them when count is None or too big)."""
+    if not count or count >= len(dataset):
+        return dataset
+    _, keep = stratified_split(dataset.targets, count / len(dataset), seed)
+    return dataset.subset(keep)
+
+
 def load_splits(data: str, data_dir: str = 'data', val_split: float = 0., seed: int = 0,
-                in_chans: Optional[int] = None) -> Splits:
-    """``digits``, ``cifar10``, ``cifar100`` or the path of an ImageFolder tree, as train/val datasets."""
+                in_chans: Optional[int] = None, limit_train: Optional[int] = None,
+                limit_val: Optional[int] = None) -> Splits:
+    """``digits``, ``cifar10``, ``cifar100`` or the path of an ImageFolder tree, as train/val datasets
+    (optionally cut to stratified subsets, for quick trials)."""
+    splits = _load_splits(data, data_dir, val_split, seed, in_chans)
+    splits.train = limit(splits.train, limit_train, seed)
+    splits.val = limit(splits.val, limit_val, seed)
+    return splits
+
+
+def _load_splits(data: str, data_dir: str, val_split: float, seed: int, in_chans: Optional[int]) -> Splits:
     if data == 'digits':
         if in_chans not in (None, 1):
             raise ValueError('digits are grayscale; leave --in-chans unset (1) for --data digits.')

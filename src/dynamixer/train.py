@@ -30,13 +30,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-# The default model for digits (8 x 8 grayscale): ~0.5M parameters, no patching, one downsample to 4 x 4.
-DIGITS_MODEL_KWARGS = dict(patch_size=1, depths=(1, 1, 1, 1), embed_dims=(64, 64, 128, 128),
+# The default model for digits (8 x 8 grayscale): 0.26M parameters, one token per pixel, 2 layers per stage,
+# one downsample to 4 x 4. Wider (64/128) models overfit the 1,437 training images without learning faster.
+DIGITS_MODEL_KWARGS = dict(patch_size=1, depths=(2, 2, 2, 2), embed_dims=(32, 32, 64, 64),
                            stage_strides=(1, 1, 2, 1), num_segments=(4, 4, 8, 8))
+# What the default recipe changes for digits (measured: ~98% top-1 where 2e-3 without EMA plateaus near 96%).
+DIGITS_DEFAULTS = dict(epochs=40, lr=4e-3, warmup_epochs=1, model_ema=True, model_ema_decay=0.99)
 
 # Settings that a recipe sets (everything else keeps its flag default). 'default' suits CPU-sized runs.
 RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
-    'default': lambda model: dict(),
+    'default': lambda model: dict(),  # the flag defaults (and DIGITS_DEFAULTS on digits)
     # Official ImageNet recipe (8 GPUs): total batch and drop path depend on the size.
     'paper': lambda model: dict(
         opt='adamw', lr=2e-3, weight_decay=0.05, epochs=300, sched='cosine', warmup_epochs=20, warmup_lr=1e-6,
@@ -77,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group('recipe and config')
     g.add_argument('--recipe', default='default', choices=sorted(RECIPES),
-                   help='base settings: default (small CPU runs), paper (official ImageNet: AdamW 2e-3, 300 epochs, '
+                   help='base settings: default (small CPU runs; on digits also ' + ' '.join(
+                       f'{k}={v}' for k, v in DIGITS_DEFAULTS.items()) + '), paper (official ImageNet: AdamW 2e-3, 300 epochs, '
                         'RandAugment, mixup/cutmix, EMA, amp), finetune (official transfer: SGD 0.01, backbone '
                         'at 0.01x, 60 epochs; needs --init-checkpoint)')
     g.add_argument('--config', default=None, help='YAML file of settings (keys as the flag names, - or _); '
@@ -90,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--val-split', type=float, default=0.,
                    help='hold out this stratified fraction of train/ for validation (a folder without val/); '
                         'digits always holds out 20%% unless set')
+    g.add_argument('--limit-train', type=int, default=None,
+                   help='train on a stratified subset of this many images (quick trials)')
+    g.add_argument('--limit-val', type=int, default=None, help='validate on a stratified subset of this many images')
     g.add_argument('--in-chans', type=int, default=None, help='1 (grayscale) or 3; default: 1 for digits, else 3')
     g.add_argument('--img-size', type=int, default=None,
                    help="input size; default: 8 for digits, else the model's (32 for dynamixer_cifar_*, 224 for S/M/L)")
@@ -174,7 +181,8 @@ def _read_yaml(path: Path, what: str) -> Dict[str, Any]:
 
 
 def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
-    """Flag defaults < recipe < --config < saved args.yaml (with --resume) < flags given on the command line."""
+    """Flag defaults < recipe (with the digits defaults for the default recipe on digits) < --config < saved
+    args.yaml (with --resume) < flags given on the command line."""
     explicit = getattr(args, '_explicit', set())
     defaults = {k: v for k, v in vars(args).items() if k not in NOT_HYPERPARAMETERS}
     config = _read_yaml(Path(args.config), 'config file') if args.config else {}
@@ -192,7 +200,8 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     recipe, model = pick('recipe'), pick('model')
     if recipe not in RECIPES:
         raise ValueError(f'unknown recipe {recipe!r}; choose one of {", ".join(RECIPES)}.')
-    layered = {**defaults, **RECIPES[recipe](model), **config, **saved}
+    digits = DIGITS_DEFAULTS if recipe == 'default' and pick('data') == 'digits' else {}
+    layered = {**defaults, **digits, **RECIPES[recipe](model), **config, **saved}
     layered.update({k: getattr(args, k) for k in explicit if k in defaults})
     if layered['recipe'] == 'finetune' and not layered['init_checkpoint']:
         raise ValueError('--recipe finetune starts from pretrained weights; give --init-checkpoint '
@@ -420,7 +429,8 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
 
     # -- data and model
-    splits = load_splits(cfg.data, cfg.data_dir, cfg.val_split, cfg.seed, cfg.in_chans)
+    splits = load_splits(cfg.data, cfg.data_dir, cfg.val_split, cfg.seed, cfg.in_chans, cfg.limit_train,
+                         cfg.limit_val)
     classes = splits.classes
     img_size = cfg.img_size or (splits.native_size if cfg.data == 'digits' else None)
     model = build_model(cfg, len(classes), splits.in_chans, img_size)
