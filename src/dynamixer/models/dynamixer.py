@@ -178,14 +178,37 @@ def _mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
     return _mix_project_forward(mix, x, weight, bias, branches)
 
 
+def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool):
+    """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``."""
+    K, B, L1, S, N, _ = mix.shape
+    grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * L1 * N, C)
+    grad_mix = grad_x = grad_weight = None
+    if need_weight:  # the mixed tokens are recomputed, not saved
+        grad_weight = torch.bmm(grad.transpose(1, 2), _mixed_tokens(mix, x, branches))
+    if need_mix or need_x:
+        grad_y = torch.bmm(grad, weight).view(K, -1, L1, N, S, weight.shape[1] // S).transpose(3, 4)
+        c = grad_y.shape[-1]
+        grad_y = grad_y.reshape(-1, N, c)  # (K * B * L1 * S, N, c)
+        if need_mix:
+            xs = _stack_segments(x, S, branches).reshape(-1, N, c)
+            grad_mix = torch.bmm(grad_y, xs.transpose(1, 2)).view(mix.shape)
+        if need_x:
+            grad_xs = torch.bmm(mix.reshape(-1, N, N).transpose(1, 2), grad_y).view(K, -1, L1, S, N, c)
+            grad_x = _unsegment(grad_xs[0], branches[0])
+            for k in range(1, K):
+                grad_x = grad_x + _unsegment(grad_xs[k], branches[k])
+            grad_x = grad_x.contiguous()
+    return grad_mix, grad_x, grad_weight
+
+
 class _MixProject(torch.autograd.Function):
     """``proj_k(P_k @ x)`` for K branches at once, each mixing the rows or the columns of an NHWC map ``x``.
 
-    ``mix``: ``(K, B, L1, S, N, N)``; ``weight``: ``(K, C, C)``; ``bias``: ``(K, C)``; ``branches``: a tuple of
-    K flags (False: rows, True: columns). Returns ``(K, B, L1, N, C)`` (rows: ``(B, H, W, C)``, columns:
-    ``(B, W, H, C)``). It saves only ``P`` and ``x`` for backward (``x`` is kept alive by the compress and
-    channel layers anyway) and recomputes the mixed tokens there, instead of keeping the two permuted copies
-    per branch that plain autograd saves (the segment-major input of the bmm and the input of ``proj``).
+    ``mix``: ``(K, B, L1, S, N, N)``; ``weight``: ``(K, C, C)``; ``bias``: ``(K, C)`` or None; ``branches``: a
+    tuple of K flags (False: rows, True: columns). Returns ``(K, B, L1, N, C)`` (rows: ``(B, H, W, C)``,
+    columns: ``(B, W, H, C)``). It saves only ``P`` and ``x`` for backward (``x`` is kept alive by the compress
+    and channel layers anyway) and recomputes the mixed tokens there, instead of keeping the two permuted
+    copies per branch that plain autograd saves (the segment-major input of the bmm and the input of ``proj``).
     """
 
     @staticmethod
@@ -199,30 +222,70 @@ class _MixProject(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         mix, x, weight = ctx.saved_tensors
-        branches = ctx.branches
         enabled, dtype = ctx.autocast
-        K, B, L1, S, N, _ = mix.shape
-        grad = grad.reshape(K, B * L1 * N, -1)
-        grad_mix = grad_x = grad_weight = grad_bias = None
+        need = ctx.needs_input_grad
+        grad_bias = None
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
-            if ctx.needs_input_grad[2]:
-                grad_weight = torch.bmm(grad.transpose(1, 2), _mixed_tokens(mix, x, branches))
-            if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
-                grad_bias = grad.sum(1)
-            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                grad_y = torch.bmm(grad, weight).view(K, B, L1, N, S, -1).transpose(3, 4)  # (K, B, L1, S, N, c)
-                c = grad_y.shape[-1]
-                grad_y = grad_y.reshape(-1, N, c)
-                if ctx.needs_input_grad[0]:
-                    xs = _stack_segments(x, S, branches).reshape(-1, N, c)
-                    grad_mix = torch.bmm(grad_y, xs.transpose(1, 2)).view(mix.shape)
-                if ctx.needs_input_grad[1]:
-                    grad_xs = torch.bmm(mix.reshape(-1, N, N).transpose(1, 2), grad_y).view(K, B, L1, S, N, c)
-                    grad_x = _unsegment(grad_xs[0], branches[0])
-                    for k in range(1, K):
-                        grad_x = grad_x + _unsegment(grad_xs[k], branches[k])
-                    grad_x = grad_x.contiguous()
+            grad_mix, grad_x, grad_weight = _mix_project_backward(
+                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2])
+            if need[3]:
+                grad_bias = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1)
         return grad_mix, grad_x, grad_weight, grad_bias, None
+
+
+def _softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.Tensor,
+                    dims: Tuple[int, int, int]) -> torch.Tensor:
+    """Generate (one batched matmul for all branches) and normalise: ``(K, B, L1, S, N, N)``."""
+    L1, S, N = dims
+    logits = torch.baddbmm(gen_bias, lines, gen_weight)
+    return logits.view(lines.shape[0], -1, L1, S, N, N).softmax(dim=-1)
+
+
+class _GenerateMixProject(torch.autograd.Function):
+    """Generate + softmax + :class:`_MixProject`, saving only the compressed lines (``d / C`` of a token's
+    size) and ``x``: the mixing matrices, ``2 S N / C`` times the size of the feature map for both branches,
+    are recomputed in backward (one small batched matmul and a softmax) instead of being kept.
+
+    ``lines``: ``(K, R, in)``, ``gen_weight``: ``(K, in, out)`` (transposed ``generate.weight``), ``gen_bias``:
+    ``(K, 1, out)``, ``dims``: ``(L1, S, N)``; the rest as :class:`_MixProject` (without bias).
+    """
+
+    @staticmethod
+    def forward(ctx, lines, gen_weight, gen_bias, x, weight, branches: Tuple[bool, ...], dims: Tuple[int, int, int]):
+        ctx.branches, ctx.dims = branches, dims
+        ctx.device_type = x.device.type
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight)
+        return _mix_project_forward(_softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lines, gen_weight, gen_bias, x, weight = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        need = ctx.needs_input_grad
+        grad_lines = grad_gen_weight = grad_gen_bias = None
+        with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
+            mix = _softmax_mixing(lines, gen_weight, gen_bias, ctx.dims)
+            need_mix = need[0] or need[1] or need[2]
+            grad_mix, grad_x, grad_weight = _mix_project_backward(
+                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4])
+            if need_mix:
+                grad_logits = torch._softmax_backward_data(grad_mix.to(mix.dtype), mix, -1, mix.dtype)
+                grad_logits = grad_logits.view(lines.shape[0], lines.shape[1], -1)
+                if need[0]:
+                    grad_lines = torch.bmm(grad_logits, gen_weight.transpose(1, 2).to(grad_logits.dtype))
+                if need[1]:
+                    grad_gen_weight = torch.bmm(lines.transpose(1, 2).to(grad_logits.dtype), grad_logits)
+                if need[2]:
+                    grad_gen_bias = grad_logits.sum(1, keepdim=True)
+        return grad_lines, grad_gen_weight, grad_gen_bias, grad_x, grad_weight, None, None
+
+
+def _generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims) -> torch.Tensor:
+    """:class:`_GenerateMixProject` when gradients are needed, else its forward directly."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, gen_weight, gen_bias, x, weight)):
+        return _GenerateMixProject.apply(lines, gen_weight, gen_bias, x, weight, branches, dims)
+    return _mix_project_forward(_softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches)
 
 
 def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> torch.Tensor:
@@ -280,20 +343,13 @@ class DynaMixerTokenMixer(nn.Module):
     def column_op(self) -> DynaMixerOp:
         return self.row_mix if self.col_mix is None else self.col_mix
 
-    def _branch_mixing(self, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
-        """Mixing matrices ``(K, B, L1, S, N, N)`` of the given branches (False: rows, True: columns), whose
-        lines must all have the same length N, on a map of the built size.
-
-        The compress layers run as one matmul on the NHWC map (computed once when rows and columns share
-        it), the generate layers as one batched matmul and the softmax as one op.
-        """
+    def _generator_inputs(self, x: torch.Tensor, branches: Tuple[bool, ...]):
+        """What the generate layers of the given branches (False: rows, True: columns; lines all of one
+        length N) read, on a map of the built size: ``(lines (K, R, in), weight (K, in, out), bias (K, 1, out),
+        (L1, S, N))``. The compress layers run as one matmul on the NHWC map (once when rows and columns
+        share it)."""
         ops = [self.column_op if columns else self.row_mix for columns in branches]
         S, d = ops[0].num_segments, ops[0].reduced_dim
-        if ops[0].compress is None:  # static
-            B, H, W, C = x.shape
-            mixes = [op.logits.softmax(dim=-1).expand(B, W if columns else H, -1, -1, -1)
-                     for op, columns in zip(ops, branches)]
-            return torch.stack(mixes) if len(mixes) > 1 else mixes[0].unsqueeze(0)
         unique = list({id(op): op for op in ops}.values())
         if len(unique) == 1:
             z = unique[0].compress(x)
@@ -306,18 +362,24 @@ class DynaMixerTokenMixer(nn.Module):
         lines = [z_.permute(0, 2, 3, 1, 4) if columns else z_.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
                  for z_, columns in zip(lines, branches)]
         lines = torch.stack(lines) if len(lines) > 1 else lines[0].unsqueeze(0)  # (K, B, L1, S, N, d)
-        K, B, L1, _, N, _ = lines.shape
+        K, _, L1, _, N, _ = lines.shape
         if ops[0].generation == 'dynamic':  # flatten each segment's line token-major
             lines = lines.reshape(K, -1, N * d)
         else:  # dense: each token's own row
             lines = lines.reshape(K, -1, d)
-        if K == 1:
-            logits = ops[0].generate(lines)
-        else:
-            weight = torch.stack([op.generate.weight for op in ops]).transpose(1, 2)
-            bias = torch.stack([op.generate.bias for op in ops]).unsqueeze(1)
-            logits = torch.baddbmm(bias, lines, weight)
-        return logits.view(K, -1, L1, S, N, N).softmax(dim=-1)
+        weight = torch.stack([op.generate.weight for op in ops]).transpose(1, 2)
+        bias = torch.stack([op.generate.bias for op in ops]).unsqueeze(1)
+        return lines, weight, bias, (L1, S, N)
+
+    def _branch_mixing(self, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
+        """Mixing matrices ``(K, B, L1, S, N, N)`` of the given branches on a map of the built size."""
+        ops = [self.column_op if columns else self.row_mix for columns in branches]
+        if ops[0].compress is None:  # static
+            B, H, W, C = x.shape
+            mixes = [op.logits.softmax(dim=-1).expand(B, W if columns else H, -1, -1, -1)
+                     for op, columns in zip(ops, branches)]
+            return torch.stack(mixes) if len(mixes) > 1 else mixes[0].unsqueeze(0)
+        return _softmax_mixing(*self._generator_inputs(x, branches))
 
     def mixing_matrices(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Row ``(B, H, S, W, W)`` and column ``(B, W, S, H, H)`` mixing matrices of a map of the built size."""
@@ -340,9 +402,13 @@ class DynaMixerTokenMixer(nn.Module):
         outs = []
         for branches in groups:
             ops = [col if columns else row for columns in branches]
-            mix = self._branch_mixing(x, branches)
             weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
-            outs.extend(_mix_project(mix, x, weight, None, branches).unbind(0))
+            if row.compress is None:  # static: the (expanded) matrices cost no memory
+                out = _mix_project(self._branch_mixing(x, branches), x, weight, None, branches)
+            else:
+                lines, gen_weight, gen_bias, dims = self._generator_inputs(x, branches)
+                out = _generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims)
+            outs.extend(out.unbind(0))
         return outs[0], outs[1], row.proj.bias, col.proj.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
