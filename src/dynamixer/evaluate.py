@@ -5,7 +5,6 @@
 the model's own data config says. ``evaluate()`` is also the validation loop of training.
 """
 import json
-import math
 import os
 import sys
 import tempfile

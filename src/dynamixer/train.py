@@ -35,7 +35,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 DIGITS_MODEL_KWARGS = dict(patch_size=1, depths=(2, 2, 2, 2), embed_dims=(32, 32, 64, 64),
                            stage_strides=(1, 1, 2, 1), num_segments=(4, 4, 8, 8))
 # What the default recipe changes for digits (measured: ~98% top-1 where 2e-3 without EMA plateaus near 96%).
-DIGITS_DEFAULTS = dict(epochs=40, lr=4e-3, warmup_epochs=1, model_ema=True, model_ema_decay=0.99)
+# One CPU thread: for a model this small a second thread gains little when the machine is idle and costs
+# several times over when the cores are shared (OpenMP threads spin waiting for each other).
+DIGITS_DEFAULTS = dict(epochs=40, lr=4e-3, warmup_epochs=1, model_ema=True, model_ema_decay=0.99, threads=1)
 
 # Settings that a recipe sets (everything else keeps its flag default). 'default' suits CPU-sized runs.
 RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
@@ -152,6 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--compile', action=boolean, default=False, help='torch.compile the model')
     g.add_argument('--grad-checkpointing', action=boolean, default=False,
                    help='recompute activations in backward to save memory')
+    g.add_argument('--threads', type=int, default=None, help="CPU threads per process (default: torch's choice; "
+                                                             "1 for digits)")
     g.add_argument('--device', default='auto', help="'auto' (the rank's GPU if any, else cpu), 'cpu', 'cuda'")
     g = parser.add_argument_group('run')
     g.add_argument('--output', default='runs/digits', help='output folder')
@@ -422,6 +426,8 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     from dynamixer.evaluate import evaluate, summarize
 
     log = print if master else (lambda *a, **k: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
