@@ -51,11 +51,12 @@ def run(args) -> None:
     from dynamixer.evaluate import load_model_dir, resolve_device
     device = resolve_device(args.device)
     model = load_model_dir(args.model_dir, device)
-    for result in predict(model, args.images, args.topk, device):
+    for path in args.images:  # one at a time, so results come out before any bad file stops the run
+        result = predict(model, [path], args.topk, device)[0]
         if args.json:
             print(json.dumps(result))
             continue
         print(result['file'])
         for t in result['top']:
             print(f'  {t["prob"] * 100:6.2f}%  {t["label"]}')
-    sys.stdout.flush()
+        sys.stdout.flush()
