@@ -48,7 +48,7 @@ RUN_CONFIG = 'ablate_run.json'
 
 def _model_knobs() -> List[str]:
     from dynamixer.models import DynaMixer
-    return [p for p in inspect.signature(DynaMixer.__init__).parameters if p not in ('self', 'num_classes')]
+    return [p for p in inspect.signature(DynaMixer.__init__).parameters if p not in ('self', 'num_classes', 'norm_layer', 'act_layer')]
 
 
 def _model_defaults() -> Dict[str, Any]:
