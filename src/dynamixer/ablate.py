@@ -48,7 +48,8 @@ RUN_CONFIG = 'ablate_run.json'
 
 def _model_knobs() -> List[str]:
     from dynamixer.models import DynaMixer
-    return [p for p in inspect.signature(DynaMixer.__init__).parameters if p not in ('self', 'num_classes', 'norm_layer', 'act_layer')]
+    skip = ('self', 'num_classes', 'norm_layer', 'act_layer')  # layer classes cannot be written in a grid
+    return [p for p in inspect.signature(DynaMixer.__init__).parameters if p not in skip]
 
 
 def _model_defaults() -> Dict[str, Any]:
