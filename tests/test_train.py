@@ -271,3 +271,34 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path, image_folder):
     settings = yaml.safe_load((out / 'args.yaml').read_text())
     assert settings['batch_size'] == 8
     assert ckpt['global_step'] == 2 * (36 // 2 // 4)  # 4 images per rank per step
+
+
+def test_progress_bar_shows_rate_loss_and_eta(tmp_path, capsys, image_folder):
+    code, out, err = _cli(capsys, 'train', '--output', str(tmp_path / 'run'), '--workers', '0', *TINY_MODEL,
+                          '--data', str(image_folder), '--epochs', '1', '--batch-size', '12')
+    assert code == 0
+    assert 'epoch 1/1' in err and 'loss=' in err and ('step/s' in err or 's/step' in err) and '<' in err  # ETA
+    assert err.count('train_loss') == 0 and out.count('train_loss') == 1  # the summary line goes to stdout
+
+
+def test_cifar_without_network_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    from torchvision import datasets
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError('no route to host')
+    monkeypatch.setattr(datasets.CIFAR10, 'download', offline)
+    code, _, err = _cli(capsys, *train_args(tmp_path / 'run', '--data', 'cifar10', '--data-dir', str(tmp_path)))
+    assert code == 2 and 'could not download cifar10' in err and 'no route to host' in err
+    assert err.strip().count('\n') == 0 and 'Traceback' not in err
+
+
+@pytest.mark.slow  # torch.compile on CPU builds C++ kernels: over a minute here
+def test_compile_trains_and_saves_plain_weights(tmp_path, capsys):
+    out = tmp_path / 'run'
+    code, _, err = _cli(capsys, *train_args(out, '--epochs', '1', '--batch-size', '128', '--compile'))
+    assert code == 0, err
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert not any(k.startswith('_orig_mod.') for k in ckpt['model'])
+    import timm
+    timm.create_model(f'local-dir:{out / "model"}', pretrained=True)
