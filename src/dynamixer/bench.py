@@ -214,10 +214,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _set_recompute(value: Optional[bool]) -> None:
+    if value is not None:
+        from dynamixer.models import dynamixer as dm
+        dm.RECOMPUTE_MIXING = bool(value)
+
+
 def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Peak memory of one step for one implementation (run this in a fresh process on CPU)."""
     device = torch.device(cfg['device'])
     torch.set_num_threads(cfg['threads'])
+    _set_recompute(cfg.get('recompute_mixing'))
     models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'])
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
@@ -269,8 +276,12 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
               img_size: int = 224, precision: str = 'fp32', device: str = 'cpu', compile: bool = False,
               warmup: int = 2, iters: int = 5, threads: Optional[int] = None,
               modes: Sequence[str] = ('inference', 'train'), memory: bool = True, reference: bool = True,
-              model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True) -> Dict[str, Any]:
-    """Fast vs reference, as a JSON-able dict (see the module docstring)."""
+              model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True,
+              recompute_mixing: Optional[bool] = None) -> Dict[str, Any]:
+    """Fast vs reference, as a JSON-able dict (see the module docstring). ``recompute_mixing`` sets
+    ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default)."""
+    from dynamixer.models import dynamixer as dm
+    _set_recompute(recompute_mixing)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -296,7 +307,8 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
         'machine': machine_info(dev),
         'config': {'model': model, 'batch_size': batch_size, 'train_batch_size': train_batch_size,
                    'img_size': img_size, 'precision': precision, 'device': device, 'compile': compile,
-                   'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed},
+                   'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed,
+                   'recompute_mixing': dm.RECOMPUTE_MIXING},
         'matmul_peak_gflops': peak,
         'params': sum(p.numel() for p in fast.parameters()),
         'gmacs': macs / 1e9,
@@ -324,7 +336,8 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                 _log(f'{label} peak memory {impl}', quiet)
                 mem = peak_memory(dict(model=model, img_size=img_size, model_args=model_args, device=device,
                                        impl=impl, batch_size=batch, mode=mode, precision=precision,
-                                       compile=compile, threads=torch.get_num_threads(), seed=seed))
+                                       compile=compile, threads=torch.get_num_threads(), seed=seed,
+                                       recompute_mixing=dm.RECOMPUTE_MIXING))
                 entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
                 entry['memory_method'] = mem['method']
             if reference:
@@ -380,7 +393,8 @@ def resolution_sweep(model: str = 'dynamixer_s', sizes: Sequence[int] = (160, 22
 def format_table(result: Dict[str, Any]) -> str:
     cfg, machine = result['config'], result['machine']
     lines = [f"{cfg['model']} {cfg['img_size']}px {cfg['precision']} {cfg['device']} "
-             f"{'compiled' if cfg['compile'] else 'eager'}, {machine['threads']} threads, torch {machine['torch']}",
+             f"{'compiled' if cfg['compile'] else 'eager'}, {machine['threads']} threads, torch {machine['torch']}"
+             f"{', mixing matrices kept for backward' if cfg.get('recompute_mixing') is False else ''}",
              f"{machine['cpu']}; params {result['params']:,}; {result['gmacs']:.3f} GMACs/img; "
              f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
     if 'graph_breaks' in result:
@@ -443,6 +457,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model-args', default='{}', help='JSON of extra model constructor arguments')
     parser.add_argument('--sweep', type=_int_list, default=None, metavar='SIZES',
                         help='cost vs resolution at these sizes (e.g. 160,224,320,448) instead of the comparison')
+    parser.add_argument('--keep-mixing', action='store_true',
+                        help='keep the mixing matrices for backward (faster, more memory) instead of recomputing '
+                             'them (RECOMPUTE_MIXING=False)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--output', default=None, help='also write the JSON to this file')
@@ -463,7 +480,8 @@ def run(args) -> int:
         result = benchmark(args.model, args.batch_size, args.train_batch_size, args.img_size, args.precision,
                            args.device, args.compile, args.warmup, args.iters, args.threads,
                            [m.strip() for m in args.modes.split(',') if m.strip()], not args.no_memory,
-                           not args.no_reference, model_args, args.seed, args.quiet)
+                           not args.no_reference, model_args, args.seed, args.quiet,
+                           recompute_mixing=False if args.keep_mixing else None)
         table = format_table(result)
     if args.output:
         tmp = f'{args.output}.tmp'
