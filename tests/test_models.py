@@ -531,3 +531,13 @@ def test_verify_against_an_official_test_vector(official_tiny, tmp_path):
     tensors['logits'] = tensors['logits'] + 1e-3
     save_file(tensors, tmp_path / 'bad.safetensors', metadata={'config': json.dumps(config)})
     assert main(['convert', '--verify', str(tmp_path / 'bad.safetensors')]) == 1
+
+
+def test_local_dir_folder_loads_its_weights_without_pretrained_flag(tmp_path):
+    from dynamixer.train import save_model_dir
+    trained = timm.create_model('dynamixer_cifar_t', num_classes=3, img_size=16)
+    save_model_dir(trained, tmp_path / 'model', ['a', 'b', 'c'])
+    loaded = timm.create_model(f'local-dir:{tmp_path / "model"}').eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained.eval()(x))

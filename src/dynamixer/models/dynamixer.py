@@ -726,6 +726,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DynaMixer) 
 
 def _create_dynamixer(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    cfg = kwargs.get('pretrained_cfg')
+    if isinstance(cfg, dict) and cfg.get('source') == 'local-dir':
+        # A model folder is its weights: `timm.create_model('local-dir:DIR')` should not silently return an
+        # untrained model just because `pretrained=True` was left out.
+        pretrained = True
     return build_model_with_cfg(
         DynaMixer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
