@@ -17,17 +17,25 @@ import torch.nn.functional as F
 
 
 def load_model_dir(path: str, device: str = 'cpu') -> nn.Module:
-    """The model in a timm local-dir folder (config.json + model.safetensors), weights loaded, in eval mode."""
+    """The model in a timm local-dir folder (config.json + model.safetensors), weights loaded, in eval mode.
+
+    A training run's output folder works too (its ``model/`` is used).
+    """
     import timm
     import dynamixer  # noqa: F401  registers the architectures with timm
     folder = Path(path)
+    if not (folder / 'config.json').is_file() and (folder / 'model' / 'config.json').is_file():
+        folder = folder / 'model'
+    if not folder.is_dir():
+        raise FileNotFoundError(f'model folder {path!r} does not exist; give the model/ folder of a training run '
+                                f'(config.json + model.safetensors), e.g. runs/digits/model.')
     if not (folder / 'config.json').is_file():
         raise ValueError(f'{path!r} has no config.json; give the model/ folder that dynamixer train writes '
                          f'(e.g. runs/digits/model).')
     if not (folder / 'model.safetensors').is_file():
         raise ValueError(f'{path!r} has no model.safetensors; the training run that wrote it did not finish '
                          f'an epoch.')
-    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True)
     return model.to(device).eval()
 
 

@@ -21,24 +21,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from dynamixer.evaluate import load_model_dir
+
 FORMATS = ('onnx', 'torchscript', 'exported-program')
-
-
-def load_model_dir(path: str) -> nn.Module:
-    """The model of a timm local-dir folder (config.json + model.safetensors), in eval mode, on CPU."""
-    import timm
-    import dynamixer  # noqa: F401  (registers the architectures with timm)
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f'model folder {path!r} does not exist; give the folder holding config.json '
-                                f'and model.safetensors.')
-    if not (folder / 'config.json').is_file():
-        raise ValueError(f'{path!r} has no config.json; give a timm local-dir model folder '
-                         f'(config.json with "architecture" and "model_args", and model.safetensors).')
-    if not (folder / 'model.safetensors').is_file():
-        raise ValueError(f'{path!r} has no model.safetensors next to its config.json.')
-    model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True)
-    return model.eval()
 
 
 def _input_size(model: nn.Module, img_size: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:

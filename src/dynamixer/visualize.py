@@ -18,24 +18,10 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from dynamixer.evaluate import load_model_dir as load_model
+
 __all__ = ['load_model', 'load_image', 'parse_block', 'parse_token', 'block_mixing_matrices', 'token_weights',
            'draw', 'visualize']
-
-
-def load_model(model_dir: str) -> torch.nn.Module:
-    """A trained model from a timm local-dir folder (config.json + weights); a run dir with model/ works too."""
-    import timm
-    import dynamixer  # noqa: F401  (registers the architectures with timm)
-    path = Path(model_dir)
-    if not (path / 'config.json').is_file() and (path / 'model' / 'config.json').is_file():
-        path = path / 'model'
-    if not path.is_dir():
-        raise FileNotFoundError(f'model directory {model_dir} does not exist; give the model/ folder of a '
-                                f'training run (config.json + model.safetensors).')
-    if not (path / 'config.json').is_file():
-        raise FileNotFoundError(f'{path} has no config.json; give the model/ folder of a training run '
-                                f'(config.json + model.safetensors).')
-    return timm.create_model(f'local-dir:{path}', pretrained=True).eval()
 
 
 def load_image(model: torch.nn.Module, image_path: str) -> Tuple[torch.Tensor, np.ndarray]:
