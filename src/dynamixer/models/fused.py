@@ -1,0 +1,177 @@
+"""Fused autograd kernels of DynaMixer's fast path (the architecture itself is in ``dynamixer.py``).
+
+Row and column branches of equal line length run as one batched op on strided views of the NHWC map (no
+permuted copies), and the backward passes recompute cheap intermediates (the mixed tokens, and optionally the
+generated mixing matrices) instead of keeping them. ``dynamixer.models.reference`` is the plain oracle these
+are tested against (outputs 1e-5, gradients 1e-4).
+"""
+from typing import Optional, Tuple
+
+import torch
+
+def _segments(x: torch.Tensor, num_segments: int, columns: bool) -> torch.Tensor:
+    """View an NHWC map as per-segment lines: rows ``(B, H, S, W, C/S)`` or columns ``(B, W, S, H, C/S)``."""
+    x = x.unflatten(-1, (num_segments, -1))  # (B, H, W, S, c), no copy
+    return x.permute(0, 2, 3, 1, 4) if columns else x.permute(0, 1, 3, 2, 4)
+
+
+def _unsegment(y: torch.Tensor, columns: bool) -> torch.Tensor:
+    """Inverse of :func:`_segments`: ``(B, L1, S, N, c)`` back to an NHWC ``(B, H, W, C)`` map (a view)."""
+    y = y.permute(0, 3, 1, 2, 4) if columns else y.permute(0, 1, 3, 2, 4)
+    return y.flatten(-2)
+
+
+def _stack_segments(x: torch.Tensor, num_segments: int, branches: Tuple[bool, ...]) -> torch.Tensor:
+    """``(K, B, L1, S, N, c)``: the lines of each branch (False: rows, True: columns), segment-major."""
+    views = [_segments(x, num_segments, columns) for columns in branches]
+    return views[0].unsqueeze(0) if len(views) == 1 else torch.stack(views)
+
+
+def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
+    """Mixed tokens of every branch as one matrix per branch, ``(K, B * L1 * N, C)``, line-major.
+
+    ``mix`` is ``(K, B, L1, S, N, N)``; all branches run as one batched matmul, and one copy brings the
+    segments back together (row branch: (B, H, W) token order; column branch: (B, W, H)).
+    """
+    K, B, L1, S, N, _ = mix.shape
+    xs = _stack_segments(x, S, branches)
+    y = torch.bmm(mix.reshape(-1, N, N), xs.reshape(-1, N, xs.shape[-1]))  # bmm on 3-d is faster than matmul
+    return y.view(K, -1, *xs.shape[2:]).transpose(3, 4).reshape(K, -1, x.shape[-1])
+
+
+_AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
+
+
+def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
+    if device_type not in _AUTOCAST_DEVICES:  # e.g. meta tensors
+        return False, None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         branches: Tuple[bool, ...]) -> torch.Tensor:
+    y = _mixed_tokens(mix, x, branches)
+    if bias is None:  # the caller adds the bias where it costs no extra pass (in the fusion)
+        out = torch.bmm(y, weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
+    return out.view(mix.shape[0], -1, mix.shape[2], mix.shape[4], weight.shape[1])
+
+
+def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 branches: Tuple[bool, ...]) -> torch.Tensor:
+    """:class:`_MixProject` when gradients are needed, else its forward directly (traceable for export)."""
+    if torch.is_grad_enabled() and (mix.requires_grad or x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _MixProject.apply(mix, x, weight, bias, branches)
+    return _mix_project_forward(mix, x, weight, bias, branches)
+
+
+def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool):
+    """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``."""
+    K, B, L1, S, N, _ = mix.shape
+    grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * L1 * N, C)
+    grad_mix = grad_x = grad_weight = None
+    if need_weight:  # the mixed tokens are recomputed, not saved
+        grad_weight = torch.bmm(grad.transpose(1, 2), _mixed_tokens(mix, x, branches))
+    if need_mix or need_x:
+        grad_y = torch.bmm(grad, weight).view(K, -1, L1, N, S, weight.shape[1] // S).transpose(3, 4)
+        c = grad_y.shape[-1]
+        grad_y = grad_y.reshape(-1, N, c)  # (K * B * L1 * S, N, c)
+        if need_mix:
+            xs = _stack_segments(x, S, branches).reshape(-1, N, c)
+            grad_mix = torch.bmm(grad_y, xs.transpose(1, 2)).view(mix.shape)
+        if need_x:
+            grad_xs = torch.bmm(mix.reshape(-1, N, N).transpose(1, 2), grad_y).view(K, -1, L1, S, N, c)
+            grad_x = _unsegment(grad_xs[0], branches[0])
+            for k in range(1, K):
+                grad_x = grad_x + _unsegment(grad_xs[k], branches[k])
+            grad_x = grad_x.contiguous()
+    return grad_mix, grad_x, grad_weight
+
+
+class _MixProject(torch.autograd.Function):
+    """``proj_k(P_k @ x)`` for K branches at once, each mixing the rows or the columns of an NHWC map ``x``.
+
+    ``mix``: ``(K, B, L1, S, N, N)``; ``weight``: ``(K, C, C)``; ``bias``: ``(K, C)`` or None; ``branches``: a
+    tuple of K flags (False: rows, True: columns). Returns ``(K, B, L1, N, C)`` (rows: ``(B, H, W, C)``,
+    columns: ``(B, W, H, C)``). It saves only ``P`` and ``x`` for backward (``x`` is kept alive by the compress
+    and channel layers anyway) and recomputes the mixed tokens there, instead of keeping the two permuted
+    copies per branch that plain autograd saves (the segment-major input of the bmm and the input of ``proj``).
+    """
+
+    @staticmethod
+    def forward(ctx, mix, x, weight, bias, branches: Tuple[bool, ...]):
+        ctx.branches = branches
+        ctx.device_type = x.device.type
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(mix, x, weight)
+        return _mix_project_forward(mix, x, weight, bias, branches)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mix, x, weight = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        need = ctx.needs_input_grad
+        grad_bias = None
+        with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
+            grad_mix, grad_x, grad_weight = _mix_project_backward(
+                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2])
+            if need[3]:
+                grad_bias = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1)
+        return grad_mix, grad_x, grad_weight, grad_bias, None
+
+
+def softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.Tensor,
+                    dims: Tuple[int, int, int]) -> torch.Tensor:
+    """Generate (one batched matmul for all branches) and normalise: ``(K, B, L1, S, N, N)``."""
+    L1, S, N = dims
+    logits = torch.baddbmm(gen_bias, lines, gen_weight)
+    return logits.view(lines.shape[0], -1, L1, S, N, N).softmax(dim=-1)
+
+
+class _GenerateMixProject(torch.autograd.Function):
+    """Generate + softmax + :class:`_MixProject`, saving only the compressed lines (``d / C`` of a token's
+    size) and ``x``: the mixing matrices, ``2 S N / C`` times the size of the feature map for both branches,
+    are recomputed in backward (one small batched matmul and a softmax) instead of being kept.
+
+    ``lines``: ``(K, R, in)``, ``gen_weight``: ``(K, in, out)`` (transposed ``generate.weight``), ``gen_bias``:
+    ``(K, 1, out)``, ``dims``: ``(L1, S, N)``; the rest as :class:`_MixProject` (without bias).
+    """
+
+    @staticmethod
+    def forward(ctx, lines, gen_weight, gen_bias, x, weight, branches: Tuple[bool, ...], dims: Tuple[int, int, int]):
+        ctx.branches, ctx.dims = branches, dims
+        ctx.device_type = x.device.type
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight)
+        return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lines, gen_weight, gen_bias, x, weight = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        need = ctx.needs_input_grad
+        grad_lines = grad_gen_weight = grad_gen_bias = None
+        with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
+            mix = softmax_mixing(lines, gen_weight, gen_bias, ctx.dims)
+            need_mix = need[0] or need[1] or need[2]
+            grad_mix, grad_x, grad_weight = _mix_project_backward(
+                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4])
+            if need_mix:
+                grad_logits = torch._softmax_backward_data(grad_mix.to(mix.dtype), mix, -1, mix.dtype)
+                grad_logits = grad_logits.view(lines.shape[0], lines.shape[1], -1)
+                if need[0]:
+                    grad_lines = torch.bmm(grad_logits, gen_weight.transpose(1, 2).to(grad_logits.dtype))
+                if need[1]:
+                    grad_gen_weight = torch.bmm(lines.transpose(1, 2).to(grad_logits.dtype), grad_logits)
+                if need[2]:
+                    grad_gen_bias = grad_logits.sum(1, keepdim=True)
+        return grad_lines, grad_gen_weight, grad_gen_bias, grad_x, grad_weight, None, None
+
+
+def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims) -> torch.Tensor:
+    """:class:`_GenerateMixProject` when gradients are needed, else its forward directly."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, gen_weight, gen_bias, x, weight)):
+        return _GenerateMixProject.apply(lines, gen_weight, gen_bias, x, weight, branches, dims)
+    return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches)
