@@ -2,8 +2,6 @@
 
 The timm API checks mirror timm's own tests/test_models.py.
 """
-import math
-
 import pytest
 import timm
 import torch
@@ -11,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynamixer
-from dynamixer.convert import adapt_state_dict, convert_official_state_dict, resample_op_state
-from dynamixer.models import DynaMixer, DynaMixerOp
+from dynamixer.convert import convert_official_state_dict, resample_op_state
+from dynamixer.models import DynaMixer
 
 torch.manual_seed(0)
 

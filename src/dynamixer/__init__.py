@@ -13,6 +13,8 @@ from dynamixer.convert import (
 )
 
 __version__ = '0.1.0'
+__all__ = ['DynaMixer', 'MODEL_ARGS', 'adapt_state_dict', 'convert_official_state_dict', 'create_model',
+           'list_models', 'load_checkpoint', 'resample_op_state', 'save_safetensors']
 
 
 def list_models() -> List[str]:

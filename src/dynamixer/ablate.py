@@ -153,7 +153,7 @@ def expand_grid(grid: Dict[str, Any]) -> Tuple[str, Dict[str, Any], List[Dict[st
             target['seeds'] = sorted(set(target['seeds']) | set(own_seeds))
 
     for knob, values in (grid.get('axes') or {}).items():
-        key = _knob(knob, f'axes')
+        key = _knob(knob, 'axes')
         if not isinstance(values, list) or not values:
             raise ValueError(f'axis {knob!r} must list the values to try, got {values!r}.')
         for value in values:

@@ -242,7 +242,6 @@ def _load_splits(data: str, data_dir: str, val_split: float, seed: int, in_chans
 def _clamp_posterize_bits() -> None:
     """timm's 'increasing' posterize can ask for 0 bits at high magnitudes, which Pillow >= 10 rejects
     ("bits must be between 1 and 8") and which would kill a paper-recipe run at random; keep at least 1 bit."""
-    from PIL import ImageOps
     from timm.data import auto_augment
     if getattr(auto_augment, '_dynamixer_clamped', False):
         return

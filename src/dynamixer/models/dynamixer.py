@@ -18,7 +18,7 @@ Beyond the paper (whose official code only runs at 224 x 224):
 Parameter names are our own; ``dynamixer.convert_official_state_dict`` maps official checkpoints onto them.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -118,7 +118,7 @@ class DynaMixerOp(nn.Module):
         mix = self.mixing_matrix(x, valid)
         # the lines as a (L, 1, N, C) map whose rows are mixed
         out = mix_project(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
-                                self.proj.bias.unsqueeze(0), (False,))
+                          self.proj.bias.unsqueeze(0), (False,))
         return out.view(-1, N, C)
 
 
