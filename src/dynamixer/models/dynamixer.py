@@ -30,7 +30,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from dynamixer.models.fused import generate_mix_project, mix_project, softmax_mixing
+from dynamixer.models.fused import generate_mix_project, mix_project, softmax, softmax_mixing
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'GENERATION_STRATEGIES', 'FUSIONS']
 
@@ -108,7 +108,7 @@ class DynaMixerOp(nn.Module):
         logits = self.mixing_logits(x, valid)
         if valid is not None:
             logits = logits.masked_fill(~valid[:, None, None, :], float('-inf'))
-        return logits.softmax(dim=-1)
+        return softmax(logits)
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         L, N, C = x.shape
@@ -216,7 +216,7 @@ class DynaMixerTokenMixer(nn.Module):
         ops = [self.column_op if columns else self.row_mix for columns in branches]
         if ops[0].compress is None:  # static
             B, H, W, C = x.shape
-            mixes = [op.logits.softmax(dim=-1).expand(B, W if columns else H, -1, -1, -1)
+            mixes = [softmax(op.logits).expand(B, W if columns else H, -1, -1, -1)
                      for op, columns in zip(ops, branches)]
             return torch.stack(mixes) if len(mixes) > 1 else mixes[0].unsqueeze(0)
         return softmax_mixing(*self._generator_inputs(x, branches))
