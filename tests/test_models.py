@@ -563,3 +563,30 @@ def test_local_dir_folder_loads_its_weights_without_pretrained_flag(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), trained.eval()(x))
+
+
+def test_cpu_inference_runs_big_batches_in_slices_with_the_same_outputs(monkeypatch):
+    import dynamixer.models.dynamixer as dm
+    model = tiny()
+    stem_batches = []
+    model.stem.register_forward_hook(lambda module, args, out: stem_batches.append(args[0].shape[0]))
+    x = torch.randn(5, 3, 56, 56)
+    per_image = model._elems_per_image * 4  # fp32 bytes of the largest temporary of one image
+    monkeypatch.setattr(dm, 'CPU_INFERENCE_SLICE_BYTES', 2 * per_image)
+    with torch.no_grad():
+        sliced = model(x)
+    assert stem_batches == [2, 2, 1]
+    stem_batches.clear()
+    with torch.no_grad():
+        model.inference_slice_bytes = 0  # per model: never slice
+        whole = model(x)
+    assert stem_batches == [5]
+    assert torch.allclose(sliced, whole, atol=1e-5)
+    model.inference_slice_bytes = None
+    stem_batches.clear()
+    model(x)  # autograd on: slicing would not save memory there, so the batch runs whole
+    with torch.no_grad():
+        torch.jit.trace(model, x, check_trace=False)  # traced graphs must keep a dynamic batch
+    assert stem_batches == [5, 5]
+    from dynamixer.models.reference import reference_model
+    assert reference_model(model).inference_slice_bytes == 0

@@ -214,17 +214,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _set_recompute(value: Optional[bool]) -> None:
+def _set_recompute(value: Optional[bool], slicing: Optional[bool] = None) -> None:
+    from dynamixer.models import dynamixer as dm
     if value is not None:
-        from dynamixer.models import dynamixer as dm
         dm.RECOMPUTE_MIXING = bool(value)
+    if slicing is False:
+        dm.CPU_INFERENCE_SLICE_BYTES = 0
 
 
 def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Peak memory of one step for one implementation (run this in a fresh process on CPU)."""
     device = torch.device(cfg['device'])
     torch.set_num_threads(cfg['threads'])
-    _set_recompute(cfg.get('recompute_mixing'))
+    _set_recompute(cfg.get('recompute_mixing'), cfg.get('slicing'))
     models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'])
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
@@ -277,11 +279,12 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
               warmup: int = 2, iters: int = 5, threads: Optional[int] = None,
               modes: Sequence[str] = ('inference', 'train'), memory: bool = True, reference: bool = True,
               model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True,
-              recompute_mixing: Optional[bool] = None) -> Dict[str, Any]:
+              recompute_mixing: Optional[bool] = None, slicing: bool = True) -> Dict[str, Any]:
     """Fast vs reference, as a JSON-able dict (see the module docstring). ``recompute_mixing`` sets
-    ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default)."""
+    ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default); ``slicing=False``
+    turns off the fast path's CPU inference slicing (``CPU_INFERENCE_SLICE_BYTES = 0``)."""
     from dynamixer.models import dynamixer as dm
-    _set_recompute(recompute_mixing)
+    _set_recompute(recompute_mixing, slicing)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -308,7 +311,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
         'config': {'model': model, 'batch_size': batch_size, 'train_batch_size': train_batch_size,
                    'img_size': img_size, 'precision': precision, 'device': device, 'compile': compile,
                    'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed,
-                   'recompute_mixing': dm.RECOMPUTE_MIXING},
+                   'recompute_mixing': dm.RECOMPUTE_MIXING, 'inference_slice_bytes': dm.CPU_INFERENCE_SLICE_BYTES},
         'matmul_peak_gflops': peak,
         'params': sum(p.numel() for p in fast.parameters()),
         'gmacs': macs / 1e9,
@@ -337,7 +340,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                 mem = peak_memory(dict(model=model, img_size=img_size, model_args=model_args, device=device,
                                        impl=impl, batch_size=batch, mode=mode, precision=precision,
                                        compile=compile, threads=torch.get_num_threads(), seed=seed,
-                                       recompute_mixing=dm.RECOMPUTE_MIXING))
+                                       recompute_mixing=dm.RECOMPUTE_MIXING, slicing=slicing))
                 entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
                 entry['memory_method'] = mem['method']
             if reference:
@@ -460,6 +463,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--keep-mixing', action='store_true',
                         help='keep the mixing matrices for backward (faster, more memory) instead of recomputing '
                              'them (RECOMPUTE_MIXING=False)')
+    parser.add_argument('--no-slicing', action='store_true',
+                        help='run CPU inference batches whole in the fast path too (CPU_INFERENCE_SLICE_BYTES=0), '
+                             'to see the token mixer alone against the reference')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--output', default=None, help='also write the JSON to this file')
@@ -481,7 +487,7 @@ def run(args) -> int:
                            args.device, args.compile, args.warmup, args.iters, args.threads,
                            [m.strip() for m in args.modes.split(',') if m.strip()], not args.no_memory,
                            not args.no_reference, model_args, args.seed, args.quiet,
-                           recompute_mixing=False if args.keep_mixing else None)
+                           recompute_mixing=False if args.keep_mixing else None, slicing=not args.no_slicing)
         table = format_table(result)
     if args.output:
         tmp = f'{args.output}.tmp'

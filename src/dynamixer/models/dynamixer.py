@@ -127,6 +127,13 @@ class DynaMixerOp(nn.Module):
 # the cost of one more generate matmul and softmax per block in backward. Read at every forward.
 RECOMPUTE_MIXING = True
 
+# CPU inference (no autograd) runs a large batch in slices whose largest temporary stays under this many bytes.
+# glibc serves every allocation above 32 MB with fresh mmap'd pages that are page-faulted and zeroed on first
+# touch, and big temporaries also fall out of cache: for dynamixer_s at batch 32 the stage-1 MLP hidden states
+# are 38 MB and the mixing matrices 67 MB. Same multiply-adds, same outputs (no layer mixes images); 0 turns it
+# off. Read at every forward; tracing, compiling and export always see the whole batch.
+CPU_INFERENCE_SLICE_BYTES = 8 << 20
+
 
 def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> torch.Tensor:
     """Apply ``op`` to lines of any length: windows of the op's length, the last one padded and masked."""
@@ -424,6 +431,8 @@ class DynaMixer(nn.Module):
             raise ValueError(f'img_size {self.img_size} is smaller than one patch of {patch_size}; '
                              f'use img_size >= patch_size.')
 
+        self.inference_slice_bytes: Optional[int] = None  # None: CPU_INFERENCE_SLICE_BYTES; 0: never slice
+        self._elems_per_image = 0  # largest temporary per image at the built size (MLP hidden or mixing matrices)
         rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         dpr = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(num_stages)]
         stages = []
@@ -443,6 +452,9 @@ class DynaMixer(nn.Module):
                 dynamic_size=dynamic_img_size, proj_drop=proj_drop_rate, norm_layer=norm_layer,
                 act_layer=act_layer))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
+            tokens = grid[0] * grid[1]
+            self._elems_per_image = max(self._elems_per_image, int(tokens * embed_dims[i] * mlp_ratios[i]),
+                                        num_segments[i] * tokens * (grid[0] + grid[1]))
             in_dim = embed_dims[i]
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features)
@@ -541,12 +553,28 @@ class DynaMixer(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _inference_slice(self, x: torch.Tensor) -> int:
+        """Images per slice for CPU inference under :data:`CPU_INFERENCE_SLICE_BYTES`, or 0: the whole batch."""
+        budget = CPU_INFERENCE_SLICE_BYTES if self.inference_slice_bytes is None else self.inference_slice_bytes
+        if (budget <= 0 or x.device.type != 'cpu' or torch.is_grad_enabled()
+                or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export()):
+            return 0
+        pixels = x.shape[-2] * x.shape[-1] / (self.img_size[0] * self.img_size[1])
+        per_image = max(1., self._elems_per_image * pixels) * x.element_size()
+        step = max(1, int(budget // per_image))
+        return step if step < x.shape[0] else 0
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.stages(self.stem(x)))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normed NHWC features of the last stage."""
         self.check_input(x)
-        x = self.stem(x)
-        x = self.stages(x)
-        return self.norm(x)
+        step = self._inference_slice(x)
+        if step:
+            return torch.cat([self._features(part) for part in x.split(step)])
+        return self._features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':

@@ -136,10 +136,13 @@ class ReferenceTokenMixer(nn.Module):
 
 
 def reference_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose ``DynaMixerTokenMixer`` modules are ``ReferenceTokenMixer`` (same weights)."""
+    """A deep copy of ``model`` whose ``DynaMixerTokenMixer`` modules are ``ReferenceTokenMixer`` (same weights),
+    running every batch whole (no CPU inference slicing: that is part of the fast path)."""
     if isinstance(model, DynaMixerTokenMixer):
         return ReferenceTokenMixer.from_mixer(model)
     ref = copy.deepcopy(model)
+    if hasattr(ref, 'inference_slice_bytes'):
+        ref.inference_slice_bytes = 0
     for name, module in list(ref.named_modules()):
         if isinstance(module, DynaMixerTokenMixer):
             parent_name, _, child = name.rpartition('.')
