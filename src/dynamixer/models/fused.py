@@ -90,11 +90,13 @@ def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]
     the segments back together in (B, H, W) order for rows and columns alike, so that the column branch needs
     no transposed copy later (in the fusion or in backward).
     """
-    K, _, L1, S, N, _ = mix.shape
+    K, B, L1, S, N, _ = mix.shape
     xs = _stack_segments(x, S, branches)
     y = torch.bmm(mix.reshape(-1, N, N), xs.reshape(-1, N, xs.shape[-1]))  # bmm on 3-d is faster than matmul
-    y = y.view(K, -1, L1, S, N, x.shape[-1] // S)  # -1, not B: traced exports keep a dynamic batch
-    out = torch.stack([_to_map_order(y[k], columns) for k, columns in enumerate(branches)])  # (K, B, H, W, S, c)
+    y = y.view(K, B, L1, S, N, -1)
+    out = y.new_empty(K, *x.shape[:3], S, y.shape[-1])  # (K, B, H, W, S, c)
+    for k, columns in enumerate(branches):
+        out[k].copy_(_to_map_order(y[k], columns))
     return out.view(K, -1, x.shape[-1])
 
 
@@ -114,7 +116,7 @@ def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         out = torch.bmm(y, weight.transpose(1, 2))
     else:
         out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
-    return out.view(mix.shape[0], -1, *x.shape[1:3], weight.shape[1])
+    return out.view(mix.shape[0], *x.shape[:3], weight.shape[1])
 
 
 def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -136,8 +138,10 @@ def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x
     if need_mix or need_x:
         grad_y = torch.bmm(grad, weight).view(K, *x.shape[:3], S, -1)  # (K, B, H, W, S, c)
         c = grad_y.shape[-1]
-        grad_y = torch.stack([_to_line_order(grad_y[k], columns) for k, columns in enumerate(branches)])
-        grad_y = grad_y.view(-1, N, c)  # (K * B * L1 * S, N, c)
+        lines = grad_y.new_empty(K, B, L1, S, N, c)
+        for k, columns in enumerate(branches):
+            lines[k].copy_(_to_line_order(grad_y[k], columns))
+        grad_y = lines.view(-1, N, c)  # (K * B * L1 * S, N, c)
         if need_mix:
             xs = _stack_segments(x, S, branches).reshape(-1, N, c)
             grad_mix = torch.bmm(grad_y, xs.transpose(1, 2)).view(mix.shape)
