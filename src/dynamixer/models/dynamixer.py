@@ -237,14 +237,13 @@ class DynaMixerTokenMixer(nn.Module):
 
     def _branches(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                                   Optional[torch.Tensor]]:
-        """Row and column branches, both ``(B, H, W, C)`` (contiguous on the fast path), and the biases of their
+        """Row branch ``(B, H, W, C)``, column branch ``(B, W, H, C)`` (both contiguous) and the biases of their
         projections when these are still to be added (``None`` when already in)."""
         B, H, W, C = x.shape
         row, col = self.row_mix, self.column_op
         if W != row.seq_len or H != col.seq_len:  # windows of the built line length
             rows = _mix_lines(row, x.reshape(-1, W, C), self.dynamic_size).view(-1, H, W, C)
             cols = _mix_lines(col, x.transpose(1, 2).reshape(-1, H, C), self.dynamic_size).view(-1, W, H, C)
-            cols = cols.transpose(1, 2)
             return rows, cols, None, None
         groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
         outs = []
@@ -262,6 +261,7 @@ class DynaMixerTokenMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         C = x.shape[-1]
         rows, cols, bias_row, bias_col = self._branches(x)
+        cols = cols.transpose(1, 2)  # (B, H, W, C) view
         if self.reweight is None:
             bias = None if bias_row is None else bias_row + bias_col
             x = F.linear(x, self.channel_mix.weight, bias).add_(rows).add_(cols)

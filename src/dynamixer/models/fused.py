@@ -57,24 +57,16 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     return _softmax_forward(x)
 
 
-def _to_map_order(y: torch.Tensor, columns: bool) -> torch.Tensor:
-    """``(B, L1, S, N, c)`` segment-major lines to ``(B, H, W, S, c)``, the token order of the NHWC map."""
-    return y.permute(0, 3, 1, 2, 4) if columns else y.permute(0, 1, 3, 2, 4)
-
-
-def _to_line_order(y: torch.Tensor, columns: bool) -> torch.Tensor:
-    """Inverse of :func:`_to_map_order`: ``(B, H, W, S, c)`` to segment-major lines ``(B, L1, S, N, c)``."""
-    return y.permute(0, 2, 3, 1, 4) if columns else y.permute(0, 1, 3, 2, 4)
-
-
 def _segments(x: torch.Tensor, num_segments: int, columns: bool) -> torch.Tensor:
     """View an NHWC map as per-segment lines: rows ``(B, H, S, W, C/S)`` or columns ``(B, W, S, H, C/S)``."""
-    return _to_line_order(x.unflatten(-1, (num_segments, -1)), columns)  # no copy
+    x = x.unflatten(-1, (num_segments, -1))  # (B, H, W, S, c), no copy
+    return x.permute(0, 2, 3, 1, 4) if columns else x.permute(0, 1, 3, 2, 4)
 
 
 def _unsegment(y: torch.Tensor, columns: bool) -> torch.Tensor:
     """Inverse of :func:`_segments`: ``(B, L1, S, N, c)`` back to an NHWC ``(B, H, W, C)`` map (a view)."""
-    return _to_map_order(y, columns).flatten(-2)
+    y = y.permute(0, 3, 1, 2, 4) if columns else y.permute(0, 1, 3, 2, 4)
+    return y.flatten(-2)
 
 
 def _stack_segments(x: torch.Tensor, num_segments: int, branches: Tuple[bool, ...]) -> torch.Tensor:
@@ -84,20 +76,15 @@ def _stack_segments(x: torch.Tensor, num_segments: int, branches: Tuple[bool, ..
 
 
 def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
-    """Mixed tokens of every branch as one matrix per branch, ``(K, B * H * W, C)``, in the map's token order.
+    """Mixed tokens of every branch as one matrix per branch, ``(K, B * L1 * N, C)``, line-major.
 
-    ``mix`` is ``(K, B, L1, S, N, N)``; all branches run as one batched matmul, and one copy per branch brings
-    the segments back together in (B, H, W) order for rows and columns alike, so that the column branch needs
-    no transposed copy later (in the fusion or in backward).
+    ``mix`` is ``(K, B, L1, S, N, N)``; all branches run as one batched matmul, and one copy brings the
+    segments back together (row branch: (B, H, W) token order; column branch: (B, W, H)).
     """
     K, B, L1, S, N, _ = mix.shape
     xs = _stack_segments(x, S, branches)
     y = torch.bmm(mix.reshape(-1, N, N), xs.reshape(-1, N, xs.shape[-1]))  # bmm on 3-d is faster than matmul
-    y = y.view(K, B, L1, S, N, -1)
-    out = y.new_empty(K, *x.shape[:3], S, y.shape[-1])  # (K, B, H, W, S, c)
-    for k, columns in enumerate(branches):
-        out[k].copy_(_to_map_order(y[k], columns))
-    return out.view(K, -1, x.shape[-1])
+    return y.view(K, -1, *xs.shape[2:]).transpose(3, 4).reshape(K, -1, x.shape[-1])
 
 
 _AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
@@ -116,7 +103,7 @@ def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         out = torch.bmm(y, weight.transpose(1, 2))
     else:
         out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
-    return out.view(mix.shape[0], *x.shape[:3], weight.shape[1])
+    return out.view(mix.shape[0], -1, mix.shape[2], mix.shape[4], weight.shape[1])
 
 
 def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -131,17 +118,14 @@ def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
 def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool):
     """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``."""
     K, B, L1, S, N, _ = mix.shape
-    grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * H * W, C)
+    grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * L1 * N, C)
     grad_mix = grad_x = grad_weight = None
     if need_weight:  # the mixed tokens are recomputed, not saved
         grad_weight = torch.bmm(grad.transpose(1, 2), _mixed_tokens(mix, x, branches))
     if need_mix or need_x:
-        grad_y = torch.bmm(grad, weight).view(K, *x.shape[:3], S, -1)  # (K, B, H, W, S, c)
+        grad_y = torch.bmm(grad, weight).view(K, -1, L1, N, S, weight.shape[1] // S).transpose(3, 4)
         c = grad_y.shape[-1]
-        lines = grad_y.new_empty(K, B, L1, S, N, c)
-        for k, columns in enumerate(branches):
-            lines[k].copy_(_to_line_order(grad_y[k], columns))
-        grad_y = lines.view(-1, N, c)  # (K * B * L1 * S, N, c)
+        grad_y = grad_y.reshape(-1, N, c)  # (K * B * L1 * S, N, c)
         if need_mix:
             xs = _stack_segments(x, S, branches).reshape(-1, N, c)
             grad_mix = torch.bmm(grad_y, xs.transpose(1, 2)).view(mix.shape)
@@ -158,8 +142,8 @@ class _MixProject(torch.autograd.Function):
     """``proj_k(P_k @ x)`` for K branches at once, each mixing the rows or the columns of an NHWC map ``x``.
 
     ``mix``: ``(K, B, L1, S, N, N)``; ``weight``: ``(K, C, C)``; ``bias``: ``(K, C)`` or None; ``branches``: a
-    tuple of K flags (False: rows, True: columns). Returns ``(K, B, H, W, C)``: every branch in the map's own
-    token order. It saves only ``P`` and ``x`` for backward (``x`` is kept alive by the compress
+    tuple of K flags (False: rows, True: columns). Returns ``(K, B, L1, N, C)`` (rows: ``(B, H, W, C)``,
+    columns: ``(B, W, H, C)``). It saves only ``P`` and ``x`` for backward (``x`` is kept alive by the compress
     and channel layers anyway) and recomputes the mixed tokens there, instead of keeping the two permuted
     copies per branch that plain autograd saves (the segment-major input of the bmm and the input of ``proj``).
     """
