@@ -214,7 +214,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _set_recompute(value: Optional[bool], slicing: Optional[bool] = None) -> None:
+def _configure_fast_path(value: Optional[bool], slicing: Optional[bool] = None) -> None:
     from dynamixer.models import dynamixer as dm
     if value is not None:
         dm.RECOMPUTE_MIXING = bool(value)
@@ -226,7 +226,7 @@ def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Peak memory of one step for one implementation (run this in a fresh process on CPU)."""
     device = torch.device(cfg['device'])
     torch.set_num_threads(cfg['threads'])
-    _set_recompute(cfg.get('recompute_mixing'), cfg.get('slicing'))
+    _configure_fast_path(cfg.get('recompute_mixing'), cfg.get('slicing'))
     models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'])
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
@@ -284,7 +284,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
     ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default); ``slicing=False``
     turns off the fast path's CPU inference slicing (``CPU_INFERENCE_SLICE_BYTES = 0``)."""
     from dynamixer.models import dynamixer as dm
-    _set_recompute(recompute_mixing, slicing)
+    _configure_fast_path(recompute_mixing, slicing)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
     if device.startswith('cuda') and not torch.cuda.is_available():
