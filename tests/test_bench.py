@@ -70,6 +70,20 @@ def test_cli_json_sweep(capsys):
     assert all(r['fixed_ms_per_img'] > 0 and r['dynamic_ms_per_img'] > 0 for r in rows.values())
 
 
+def test_no_slicing_turns_the_fast_path_slicing_off(monkeypatch, tmp_path):
+    from dynamixer.models import dynamixer as dm
+    monkeypatch.setattr(dm, 'CPU_INFERENCE_SLICE_BYTES', dm.CPU_INFERENCE_SLICE_BYTES)  # restored afterwards
+    threads = torch.get_num_threads()
+    try:
+        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--img-size', '32', '--batch-size', '2', '--warmup', '0',
+                   '--iters', '1', '--threads', '1', '--quiet', '--modes', 'inference', '--no-memory', '--no-slicing',
+                   '--model-args', json.dumps(TINY), '--output', str(tmp_path / 'r.json')])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0 and dm.CPU_INFERENCE_SLICE_BYTES == 0
+    assert json.loads((tmp_path / 'r.json').read_text())['config']['inference_slice_bytes'] == 0
+
+
 def test_cli_table_and_errors(capsys, tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -81,6 +95,7 @@ def test_cli_table_and_errors(capsys, tmp_path):
     assert rc == 0
     assert 'fast vs reference' in capsys.readouterr().out
     assert json.loads((tmp_path / 'r.json').read_text())['inference']['speedup'] > 0
+    assert json.loads((tmp_path / 'r.json').read_text())['config']['inference_slice_bytes'] > 0
     assert main(['bench', '--model-args', '{not json']) == 2
     assert main(['bench', '--precision', 'fp32', '--modes', 'nope', '--model', 'dynamixer_cifar_t']) == 2
     if not torch.cuda.is_available():
