@@ -101,3 +101,18 @@ def test_cli_table_and_errors(capsys, tmp_path):
     if not torch.cuda.is_available():
         assert main(['bench', '--device', 'cuda']) == 2
         assert 'no CUDA' in capsys.readouterr().err
+
+
+def test_no_fusion_turns_the_fused_linears_off(monkeypatch, tmp_path, capsys):
+    from dynamixer.models import dynamixer as dm
+    monkeypatch.setattr(dm.MixerLayer, 'cpu_fused_inference', True)  # restored afterwards
+    threads = torch.get_num_threads()
+    try:
+        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--img-size', '32', '--batch-size', '2', '--warmup', '0',
+                   '--iters', '1', '--threads', '1', '--quiet', '--modes', 'inference', '--no-memory', '--no-fusion',
+                   '--model-args', json.dumps(TINY), '--output', str(tmp_path / 'r.json')])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0 and dm.MixerLayer.cpu_fused_inference is False
+    assert json.loads((tmp_path / 'r.json').read_text())['config']['cpu_fused_inference'] is False
+    assert 'no fused linears' in capsys.readouterr().out

@@ -590,3 +590,38 @@ def test_cpu_inference_runs_big_batches_in_slices_with_the_same_outputs(monkeypa
     assert stem_batches == [5, 5]
     from dynamixer.models.reference import reference_model
     assert reference_model(model).inference_slice_bytes == 0
+
+
+def test_cpu_fp32_inference_uses_fused_onednn_linears_only_where_it_may(monkeypatch):
+    import dynamixer.models.dynamixer as dm
+    from dynamixer.models import fused
+    from dynamixer.models.reference import reference_model
+    if not fused._HAS_ONEDNN_LINEAR:
+        pytest.skip('this torch build has no oneDNN linear kernels')
+    calls = []
+
+    def counted(x, weight, bias):
+        calls.append(x.shape[0])
+        return fused.linear_gelu(x, weight, bias)
+
+    monkeypatch.setattr(dm, 'linear_gelu', counted)
+    torch.manual_seed(0)
+    model = tiny()
+    layers = sum(isinstance(m, dm.MixerLayer) for m in model.modules())
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        fused_out = model(x)
+        assert len(calls) == layers  # one fc1 + GELU per layer
+        model.apply(lambda m: setattr(m, 'cpu_fused_inference', False) if isinstance(m, dm.MixerLayer) else None)
+        plain = model(x)
+        assert len(calls) == layers
+        model.apply(lambda m: m.__dict__.pop('cpu_fused_inference', None))
+        assert (fused_out - plain).abs().max().item() <= 1e-5
+        reference_model(model)(x)  # the plain oracle never fuses
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)
+        model.train()(x)  # dropout / drop-path layers would be skipped
+        torch.jit.trace(model.eval(), x, check_trace=False)  # exported graphs keep plain ops
+        model.double()(x.double())
+    model.float()(x)  # autograd on
+    assert len(calls) == layers

@@ -214,19 +214,22 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _configure_fast_path(value: Optional[bool], slicing: Optional[bool] = None) -> None:
+def _configure_fast_path(value: Optional[bool], slicing: Optional[bool] = None,
+                         fusion: Optional[bool] = None) -> None:
     from dynamixer.models import dynamixer as dm
     if value is not None:
         dm.RECOMPUTE_MIXING = bool(value)
     if slicing is False:
         dm.CPU_INFERENCE_SLICE_BYTES = 0
+    if fusion is False:  # the class default; the reference's layers are off already
+        dm.MixerLayer.cpu_fused_inference = False
 
 
 def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Peak memory of one step for one implementation (run this in a fresh process on CPU)."""
     device = torch.device(cfg['device'])
     torch.set_num_threads(cfg['threads'])
-    _configure_fast_path(cfg.get('recompute_mixing'), cfg.get('slicing'))
+    _configure_fast_path(cfg.get('recompute_mixing'), cfg.get('slicing'), cfg.get('fusion'))
     models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'])
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
@@ -279,12 +282,13 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
               warmup: int = 2, iters: int = 5, threads: Optional[int] = None,
               modes: Sequence[str] = ('inference', 'train'), memory: bool = True, reference: bool = True,
               model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True,
-              recompute_mixing: Optional[bool] = None, slicing: bool = True) -> Dict[str, Any]:
+              recompute_mixing: Optional[bool] = None, slicing: bool = True, fusion: bool = True) -> Dict[str, Any]:
     """Fast vs reference, as a JSON-able dict (see the module docstring). ``recompute_mixing`` sets
     ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default); ``slicing=False``
-    turns off the fast path's CPU inference slicing (``CPU_INFERENCE_SLICE_BYTES = 0``)."""
+    turns off the fast path's CPU inference slicing (``CPU_INFERENCE_SLICE_BYTES = 0``) and ``fusion=False``
+    its fused oneDNN linears in CPU inference (``MixerLayer.cpu_fused_inference = False``)."""
     from dynamixer.models import dynamixer as dm
-    _configure_fast_path(recompute_mixing, slicing)
+    _configure_fast_path(recompute_mixing, slicing, fusion)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -311,7 +315,8 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
         'config': {'model': model, 'batch_size': batch_size, 'train_batch_size': train_batch_size,
                    'img_size': img_size, 'precision': precision, 'device': device, 'compile': compile,
                    'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed,
-                   'recompute_mixing': dm.RECOMPUTE_MIXING, 'inference_slice_bytes': dm.CPU_INFERENCE_SLICE_BYTES},
+                   'recompute_mixing': dm.RECOMPUTE_MIXING, 'inference_slice_bytes': dm.CPU_INFERENCE_SLICE_BYTES,
+                   'cpu_fused_inference': dm.MixerLayer.cpu_fused_inference},
         'matmul_peak_gflops': peak,
         'params': sum(p.numel() for p in fast.parameters()),
         'gmacs': macs / 1e9,
@@ -340,7 +345,8 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                 mem = peak_memory(dict(model=model, img_size=img_size, model_args=model_args, device=device,
                                        impl=impl, batch_size=batch, mode=mode, precision=precision,
                                        compile=compile, threads=torch.get_num_threads(), seed=seed,
-                                       recompute_mixing=dm.RECOMPUTE_MIXING, slicing=slicing))
+                                       recompute_mixing=dm.RECOMPUTE_MIXING, slicing=slicing,
+                                       fusion=fusion))
                 entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
                 entry['memory_method'] = mem['method']
             if reference:
@@ -397,7 +403,9 @@ def format_table(result: Dict[str, Any]) -> str:
     cfg, machine = result['config'], result['machine']
     lines = [f"{cfg['model']} {cfg['img_size']}px {cfg['precision']} {cfg['device']} "
              f"{'compiled' if cfg['compile'] else 'eager'}, {machine['threads']} threads, torch {machine['torch']}"
-             f"{', mixing matrices kept for backward' if cfg.get('recompute_mixing') is False else ''}",
+             f"{', mixing matrices kept for backward' if cfg.get('recompute_mixing') is False else ''}"
+             f"{', inference batches whole' if cfg.get('inference_slice_bytes') == 0 else ''}"
+             f"{', no fused linears' if cfg.get('cpu_fused_inference') is False else ''}",
              f"{machine['cpu']}; params {result['params']:,}; {result['gmacs']:.3f} GMACs/img; "
              f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
     if 'graph_breaks' in result:
@@ -466,6 +474,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-slicing', action='store_true',
                         help='run CPU inference batches whole in the fast path too (CPU_INFERENCE_SLICE_BYTES=0), '
                              'to see the token mixer alone against the reference')
+    parser.add_argument('--no-fusion', action='store_true',
+                        help='run CPU fp32 inference without the fast path\'s fused oneDNN linears '
+                             '(MixerLayer.cpu_fused_inference=False)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--output', default=None, help='also write the JSON to this file')
@@ -487,7 +498,8 @@ def run(args) -> int:
                            args.device, args.compile, args.warmup, args.iters, args.threads,
                            [m.strip() for m in args.modes.split(',') if m.strip()], not args.no_memory,
                            not args.no_reference, model_args, args.seed, args.quiet,
-                           recompute_mixing=False if args.keep_mixing else None, slicing=not args.no_slicing)
+                           recompute_mixing=False if args.keep_mixing else None, slicing=not args.no_slicing,
+                           fusion=not args.no_fusion)
         table = format_table(result)
     if args.output:
         tmp = f'{args.output}.tmp'

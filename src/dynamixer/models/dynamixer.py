@@ -30,7 +30,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from dynamixer.models.fused import generate_mix_project, mix_project, softmax, softmax_mixing
+from dynamixer.models.fused import (
+    generate_mix_project, linear_add, linear_gelu, mix_project, onednn_inference, softmax, softmax_mixing)
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'GENERATION_STRATEGIES', 'FUSIONS']
 
@@ -259,6 +260,10 @@ class DynaMixerTokenMixer(nn.Module):
         return outs[0], outs[1], row.proj.bias, col.proj.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.fuse_branches(x)))
+
+    def fuse_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything but the output projection: the three branches, fused."""
         C = x.shape[-1]
         rows, cols, bias_row, bias_col = self._branches(x)
         cols = cols.transpose(1, 2)  # (B, H, W, C) view
@@ -278,11 +283,15 @@ class DynaMixerTokenMixer(nn.Module):
             else:  # the branch biases, weighted, enter with the first product
                 x = torch.addcmul(w_row * bias_row + w_col * bias_col, rows, w_row)
             x = x.addcmul_(cols, w_col).addcmul_(chans, w_chan)
-        return self.proj_drop(self.proj(x))
+        return x
 
 
 class MixerLayer(nn.Module):
     """Pre-norm residual layer: token mixing, then channel MLP."""
+
+    # CPU fp32 inference runs the output projection + residual, fc1 + GELU and fc2 + residual as fused oneDNN
+    # linears (see ``fused.onednn_inference``); ``reference_model`` and ``dynamixer bench --no-fusion`` turn it off.
+    cpu_fused_inference: bool = True
 
     def __init__(
             self,
@@ -304,7 +313,17 @@ class MixerLayer(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
+    def _fusable(self, x: torch.Tensor) -> bool:
+        act, mixer = self.mlp.act, self.token_mixer
+        return (self.cpu_fused_inference and not self.training and isinstance(mixer, DynaMixerTokenMixer)
+                and type(act) is nn.GELU and act.approximate == 'none' and isinstance(self.mlp.norm, nn.Identity)
+                and onednn_inference(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):  # eval: dropout and drop-path are identities
+            proj, fc1, fc2 = self.token_mixer.proj, self.mlp.fc1, self.mlp.fc2
+            x = linear_add(self.token_mixer.fuse_branches(self.norm1(x)), proj.weight, proj.bias, x)
+            return linear_add(linear_gelu(self.norm2(x), fc1.weight, fc1.bias), fc2.weight, fc2.bias, x)
         x = x + self.drop_path1(self.token_mixer(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from dynamixer.models.dynamixer import DynaMixerTokenMixer, FUSIONS, GENERATION_STRATEGIES
+from dynamixer.models.dynamixer import DynaMixerTokenMixer, FUSIONS, GENERATION_STRATEGIES, MixerLayer
 
 __all__ = ['ReferenceDynaMixerOp', 'ReferenceTokenMixer', 'reference_model']
 
@@ -137,13 +137,16 @@ class ReferenceTokenMixer(nn.Module):
 
 def reference_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose ``DynaMixerTokenMixer`` modules are ``ReferenceTokenMixer`` (same weights),
-    running every batch whole (no CPU inference slicing: that is part of the fast path)."""
+    running every batch whole and every layer as plain ops (no CPU inference slicing, no fused oneDNN linears:
+    those are part of the fast path)."""
     if isinstance(model, DynaMixerTokenMixer):
         return ReferenceTokenMixer.from_mixer(model)
     ref = copy.deepcopy(model)
     if hasattr(ref, 'inference_slice_bytes'):
         ref.inference_slice_bytes = 0
     for name, module in list(ref.named_modules()):
+        if isinstance(module, MixerLayer):
+            module.cpu_fused_inference = False
         if isinstance(module, DynaMixerTokenMixer):
             parent_name, _, child = name.rpartition('.')
             parent = ref.get_submodule(parent_name) if parent_name else ref
