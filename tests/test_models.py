@@ -625,3 +625,7 @@ def test_cpu_fp32_inference_uses_fused_onednn_linears_only_where_it_may(monkeypa
         model.double()(x.double())
     model.float()(x)  # autograd on
     assert len(calls) == layers
+    with torch.no_grad():  # FlopCounterMode counts the fused linears like the plain ones
+        fused_macs = macs(model, x)
+    assert len(calls) == 2 * layers
+    assert fused_macs == macs(model, x) > 0

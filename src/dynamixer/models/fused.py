@@ -63,6 +63,27 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
 _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
+def _register_onednn_linear_flops() -> None:
+    """Let ``FlopCounterMode`` count the fused linears (2 * rows * in * out) like the ``addmm`` they replace."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    op = torch.ops.mkldnn._linear_pointwise
+    if op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _linear_flops(x_shape, *args, **kwargs) -> int:
+        # default overload: (x, weight, bias, ...); binary: (x, other, weight, bias, ...)
+        weight = args[1] if len(args) > 1 and isinstance(args[1], torch.Size) and len(args[1]) == 2 else args[0]
+        rows = 1
+        for size in x_shape[:-1]:
+            rows *= size
+        return 2 * rows * weight[0] * weight[1]
+
+
+if _HAS_ONEDNN_LINEAR:
+    _register_onednn_linear_flops()
+
+
 def onednn_inference(x: torch.Tensor) -> bool:
     """Whether :func:`linear_gelu` / :func:`linear_add` may serve ``x``: CPU fp32 without autograd, autocast,
     tracing, compiling or export (which keep seeing plain ops)."""
