@@ -125,16 +125,3 @@ def test_bf16_autocast_runs_and_is_close():
     assert (out.float() - expected.float()).abs().max().item() < 0.1
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
-
-@pytest.mark.parametrize('generation', ['dynamic', 'dense'])
-def test_training_in_chunks_of_one_image_gives_the_same_gradients(monkeypatch, generation):
-    """Forward and backward of the mixing run image by image when ``MIXING_CHUNK_BYTES`` is tiny."""
-    from dynamixer.models import fused
-    chunkings = []
-    image_chunks = fused._image_chunks
-    monkeypatch.setattr(fused, 'MIXING_CHUNK_BYTES', 1)
-    monkeypatch.setattr(fused, '_image_chunks', lambda *a: chunkings.append(image_chunks(*a)) or chunkings[-1])
-    torch.manual_seed(0)
-    model = timm.create_model('dynamixer_cifar_t', generation=generation, **TINY)
-    _compare(model, torch.randn(3, 3, 32, 32))
-    assert chunkings and all(c == [(0, 1), (1, 2), (2, 3)] for c in chunkings)

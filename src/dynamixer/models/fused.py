@@ -5,7 +5,7 @@ permuted copies), and the backward passes recompute cheap intermediates (the mix
 generated mixing matrices) instead of keeping them. ``dynamixer.models.reference`` is the plain oracle these
 are tested against (outputs 1e-5, gradients 1e-4).
 """
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -225,24 +225,10 @@ def softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torc
     return softmax(logits.view(lines.shape[0], -1, L1, S, N, N))
 
 
-# Training runs the generate -> softmax -> mix steps a few images at a time so that each chunk's mixing matrices
-# and segment-major copies stay in cache: the small batched matmuls (16-32 tokens by 24 channels) run memory-bound
-# on whole batches (measured: several times slower per matrix than on cache-resident chunks).
-MIXING_CHUNK_BYTES = 4 << 20
-
-
-def _image_chunks(batch: int, bytes_per_image: int) -> List[Tuple[int, int]]:
-    if torch.compiler.is_compiling():
-        return [(0, batch)]
-    step = max(1, MIXING_CHUNK_BYTES // max(1, bytes_per_image))
-    return [(i, min(batch, i + step)) for i in range(0, batch, step)]
-
-
 class _GenerateMixProject(torch.autograd.Function):
     """Generate + softmax + :class:`_MixProject`, saving only the compressed lines (``d / C`` of a token's
     size) and ``x``: the mixing matrices, ``2 S N / C`` times the size of the feature map for both branches,
-    are recomputed in backward (one small batched matmul and a softmax) instead of being kept. Both passes run
-    the line-sized work in chunks of images (:data:`MIXING_CHUNK_BYTES`).
+    are recomputed in backward (one small batched matmul and a softmax) instead of being kept.
 
     ``lines``: ``(K, R, in)``, ``gen_weight``: ``(K, in, out)`` (transposed ``generate.weight``), ``gen_bias``:
     ``(K, 1, out)``, ``dims``: ``(L1, S, N)``; the rest as :class:`_MixProject` (without bias).
@@ -254,66 +240,28 @@ class _GenerateMixProject(torch.autograd.Function):
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight)
-        K, B = lines.shape[0], x.shape[0]
-        L1, S, N = dims
-        rows, tokens = lines.shape[1] // B, L1 * N  # generator rows and mixed tokens per image and branch
-        y = x.new_empty(K, B * tokens, x.shape[-1])
-        for b0, b1 in _image_chunks(B, K * L1 * S * N * N * x.element_size()):
-            mix = softmax_mixing(lines[:, b0 * rows:b1 * rows], gen_weight, gen_bias, dims)
-            y[:, b0 * tokens:b1 * tokens] = _mixed_tokens(mix, x[b0:b1], branches)
-        out = torch.bmm(y, weight.transpose(1, 2))
-        return out.view(K, B, L1, N, weight.shape[1])
+        return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches)
 
     @staticmethod
     def backward(ctx, grad):
         lines, gen_weight, gen_bias, x, weight = ctx.saved_tensors
         enabled, dtype = ctx.autocast
         need = ctx.needs_input_grad
-        need_mix = need[0] or need[1] or need[2]
-        K, B = lines.shape[0], x.shape[0]
-        L1, S, N = ctx.dims
-        C = x.shape[-1]
-        c = C // S
-        rows, tokens = lines.shape[1] // B, L1 * N
-        grad_lines = grad_gen_weight = grad_gen_bias = grad_x = grad_weight = None
-        # the gradients accumulate over chunks in the parameters' dtype (fp32 under autocast)
+        grad_lines = grad_gen_weight = grad_gen_bias = None
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
-            grad = grad.reshape(K, -1, C)  # (K, B * L1 * N, C)
-            grad_y = torch.bmm(grad, weight)
+            mix = softmax_mixing(lines, gen_weight, gen_bias, ctx.dims)
+            need_mix = need[0] or need[1] or need[2]
+            grad_mix, grad_x, grad_weight = _mix_project_backward(
+                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4])
             if need_mix:
-                grad_lines = torch.empty_like(lines) if need[0] else None
-                grad_gen_weight = torch.zeros_like(gen_weight) if need[1] else None
-                grad_gen_bias = torch.zeros_like(gen_bias) if need[2] else None
-            if need[3]:
-                grad_x = torch.empty_like(x)
-            if need[4]:
-                grad_weight = torch.zeros_like(weight)
-            for b0, b1 in _image_chunks(B, K * L1 * S * N * N * x.element_size()):
-                mix = softmax_mixing(lines[:, b0 * rows:b1 * rows], gen_weight, gen_bias, ctx.dims)
-                xc, t0, t1 = x[b0:b1], b0 * tokens, b1 * tokens
-                if need[4]:  # the mixed tokens are recomputed, not saved
-                    grad_weight.add_(torch.bmm(grad[:, t0:t1].transpose(1, 2), _mixed_tokens(mix, xc, ctx.branches)))
-                if not (need_mix or need[3]):
-                    continue
-                gy = grad_y[:, t0:t1].reshape(K, -1, L1, N, S, c).transpose(3, 4).reshape(-1, N, c)
-                if need[3]:
-                    gxs = torch.bmm(mix.reshape(-1, N, N).transpose(1, 2), gy).view(K, -1, L1, S, N, c)
-                    gx = grad_x[b0:b1]
-                    gx.copy_(_unsegment(gxs[0], ctx.branches[0]))
-                    for k in range(1, K):
-                        gx.add_(_unsegment(gxs[k], ctx.branches[k]))
-                if need_mix:
-                    xs = _stack_segments(xc, S, ctx.branches).reshape(-1, N, c)
-                    grad_mix = torch.bmm(gy, xs.transpose(1, 2)).view(mix.shape)
-                    lc = lines[:, b0 * rows:b1 * rows]
-                    grad_logits = _softmax_backward(grad_mix, mix).view(K, lc.shape[1], -1)
-                    if need[0]:
-                        grad_lines[:, b0 * rows:b1 * rows] = torch.bmm(
-                            grad_logits, gen_weight.transpose(1, 2).to(grad_logits.dtype))
-                    if need[1]:
-                        grad_gen_weight.add_(torch.bmm(lc.transpose(1, 2).to(grad_logits.dtype), grad_logits))
-                    if need[2]:
-                        grad_gen_bias.add_(grad_logits.sum(1, keepdim=True))
+                grad_logits = _softmax_backward(grad_mix, mix)
+                grad_logits = grad_logits.view(lines.shape[0], lines.shape[1], -1)
+                if need[0]:
+                    grad_lines = torch.bmm(grad_logits, gen_weight.transpose(1, 2).to(grad_logits.dtype))
+                if need[1]:
+                    grad_gen_weight = torch.bmm(lines.transpose(1, 2).to(grad_logits.dtype), grad_logits)
+                if need[2]:
+                    grad_gen_bias = grad_logits.sum(1, keepdim=True)
         return grad_lines, grad_gen_weight, grad_gen_bias, grad_x, grad_weight, None, None
 
 
