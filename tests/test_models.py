@@ -618,14 +618,26 @@ def test_cpu_fp32_inference_uses_fused_onednn_linears_only_where_it_may(monkeypa
         model.apply(lambda m: m.__dict__.pop('cpu_fused_inference', None))
         assert (fused_out - plain).abs().max().item() <= 1e-5
         reference_model(model)(x)  # the plain oracle never fuses
+        assert len(calls) == layers
+        seen = []
+        handle = model.stages[0].blocks[0].token_mixer.register_forward_hook(lambda *args: seen.append(1))
+        hooked = model(x)
+        handle.remove()
+        assert seen == [1]  # the hooked layer ran its modules one by one ...
+        assert len(calls) == 2 * layers - 1  # ... and the others stayed fused
+        assert (hooked - fused_out).abs().max().item() <= 1e-5
         with torch.autocast('cpu', dtype=torch.bfloat16):
             model(x)
         model.train()(x)  # dropout / drop-path layers would be skipped
         torch.jit.trace(model.eval(), x, check_trace=False)  # exported graphs keep plain ops
         model.double()(x.double())
     model.float()(x)  # autograd on
-    assert len(calls) == layers
-    with torch.no_grad():  # FlopCounterMode counts the fused linears like the plain ones
-        fused_macs = macs(model, x)
-    assert len(calls) == 2 * layers
-    assert fused_macs == macs(model, x) > 0
+    assert len(calls) == 2 * layers - 1
+    with torch.no_grad():  # FlopCounterMode's module tracker hooks every module: module by module, same count
+        assert macs(model, x) == macs(model, x.requires_grad_()) > 0
+    assert len(calls) == 2 * layers - 1
+    w, rows = torch.randn(6, 4), torch.randn(3, 5, 4)
+    counter = FlopCounterMode(display=False)
+    with counter:  # the fused linears themselves count as the linears they replace
+        fused.linear_gelu(rows, w, None), fused.linear_add(rows, w, torch.zeros(6), torch.zeros(3, 5, 6))
+    assert counter.get_total_flops() == 2 * (2 * 15 * 4 * 6)

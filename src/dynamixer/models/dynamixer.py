@@ -317,7 +317,15 @@ class MixerLayer(nn.Module):
         act, mixer = self.mlp.act, self.token_mixer
         return (self.cpu_fused_inference and not self.training and isinstance(mixer, DynaMixerTokenMixer)
                 and type(act) is nn.GELU and act.approximate == 'none' and isinstance(self.mlp.norm, nn.Identity)
-                and onednn_inference(x))
+                and onednn_inference(x) and not self._hooked())
+
+    def _hooked(self) -> bool:
+        """Forward hooks on the modules the fused path bypasses (e.g. ``dynamixer visualize`` hooks the token
+        mixer) must still fire: then the layer runs its modules one by one."""
+        from torch.nn.modules import module as nn_module
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fusable(x):  # eval: dropout and drop-path are identities
