@@ -472,8 +472,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='keep the mixing matrices for backward (faster, more memory) instead of recomputing '
                              'them (RECOMPUTE_MIXING=False)')
     parser.add_argument('--no-slicing', action='store_true',
-                        help='run CPU inference batches whole in the fast path too (CPU_INFERENCE_SLICE_BYTES=0), '
-                             'to see the token mixer alone against the reference')
+                        help='run CPU inference batches whole in the fast path too (CPU_INFERENCE_SLICE_BYTES=0) '
+                             '(with --no-fusion too: the token mixer alone against the reference)')
     parser.add_argument('--no-fusion', action='store_true',
                         help='run CPU fp32 inference without the fast path\'s fused oneDNN linears '
                              '(MixerLayer.cpu_fused_inference=False)')
