@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _nn_module  # global forward hooks (torch keeps them module-level)
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
@@ -322,8 +323,7 @@ class MixerLayer(nn.Module):
     def _hooked(self) -> bool:
         """Forward hooks on the modules the fused path bypasses (e.g. ``dynamixer visualize`` hooks the token
         mixer) must still fire: then the layer runs its modules one by one."""
-        from torch.nn.modules import module as nn_module
-        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
 
