@@ -70,32 +70,32 @@ def test_cli_json_sweep(capsys):
     assert all(r['fixed_ms_per_img'] > 0 and r['dynamic_ms_per_img'] > 0 for r in rows.values())
 
 
+def _quick_bench(tmp_path, *extra: str):
+    """``dynamixer bench`` inference on a tiny model, one run; (exit code, the JSON it wrote)."""
+    threads = torch.get_num_threads()
+    try:
+        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--img-size', '32', '--batch-size', '2', '--warmup', '0',
+                   '--iters', '1', '--threads', '1', '--quiet', '--modes', 'inference', '--no-memory', *extra,
+                   '--model-args', json.dumps(TINY), '--output', str(tmp_path / 'r.json')])
+    finally:
+        torch.set_num_threads(threads)
+    return rc, json.loads((tmp_path / 'r.json').read_text()) if rc == 0 else None
+
+
 def test_no_slicing_turns_the_fast_path_slicing_off(monkeypatch, tmp_path):
     from dynamixer.models import dynamixer as dm
     monkeypatch.setattr(dm, 'CPU_INFERENCE_SLICE_BYTES', dm.CPU_INFERENCE_SLICE_BYTES)  # restored afterwards
-    threads = torch.get_num_threads()
-    try:
-        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--img-size', '32', '--batch-size', '2', '--warmup', '0',
-                   '--iters', '1', '--threads', '1', '--quiet', '--modes', 'inference', '--no-memory', '--no-slicing',
-                   '--model-args', json.dumps(TINY), '--output', str(tmp_path / 'r.json')])
-    finally:
-        torch.set_num_threads(threads)
+    rc, result = _quick_bench(tmp_path, '--no-slicing')
     assert rc == 0 and dm.CPU_INFERENCE_SLICE_BYTES == 0
-    assert json.loads((tmp_path / 'r.json').read_text())['config']['inference_slice_bytes'] == 0
+    assert result['config']['inference_slice_bytes'] == 0
 
 
 def test_cli_table_and_errors(capsys, tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--img-size', '32', '--batch-size', '2', '--warmup', '0',
-                   '--iters', '1', '--threads', '1', '--quiet', '--modes', 'inference', '--no-memory',
-                   '--model-args', json.dumps(TINY), '--output', str(tmp_path / 'r.json')])
-    finally:
-        torch.set_num_threads(threads)
+    rc, result = _quick_bench(tmp_path)
     assert rc == 0
     assert 'fast vs reference' in capsys.readouterr().out
-    assert json.loads((tmp_path / 'r.json').read_text())['inference']['speedup'] > 0
-    assert json.loads((tmp_path / 'r.json').read_text())['config']['inference_slice_bytes'] > 0
+    assert result['inference']['speedup'] > 0
+    assert result['config']['inference_slice_bytes'] > 0 and result['config']['cpu_fused_inference'] is True
     assert main(['bench', '--model-args', '{not json']) == 2
     assert main(['bench', '--precision', 'fp32', '--modes', 'nope', '--model', 'dynamixer_cifar_t']) == 2
     if not torch.cuda.is_available():
@@ -106,13 +106,7 @@ def test_cli_table_and_errors(capsys, tmp_path):
 def test_no_fusion_turns_the_fused_linears_off(monkeypatch, tmp_path, capsys):
     from dynamixer.models import dynamixer as dm
     monkeypatch.setattr(dm.MixerLayer, 'cpu_fused_inference', True)  # restored afterwards
-    threads = torch.get_num_threads()
-    try:
-        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--img-size', '32', '--batch-size', '2', '--warmup', '0',
-                   '--iters', '1', '--threads', '1', '--quiet', '--modes', 'inference', '--no-memory', '--no-fusion',
-                   '--model-args', json.dumps(TINY), '--output', str(tmp_path / 'r.json')])
-    finally:
-        torch.set_num_threads(threads)
+    rc, result = _quick_bench(tmp_path, '--no-fusion')
     assert rc == 0 and dm.MixerLayer.cpu_fused_inference is False
-    assert json.loads((tmp_path / 'r.json').read_text())['config']['cpu_fused_inference'] is False
+    assert result['config']['cpu_fused_inference'] is False
     assert 'no fused linears' in capsys.readouterr().out
