@@ -59,8 +59,8 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
 
 
 # oneDNN's linear with a fused epilogue (bias + GELU, bias + residual add): on CPU fp32 inference it saves the
-# separate bias copy, activation and add passes over the hidden states (measured: fc1 + GELU of a 16 x 16 x 384
-# map 7.2 ms as two ops, 3.4 ms fused). No autograd, so inference only.
+# separate bias copy, activation and add passes over the hidden states (measured: fc1 + GELU on 3 x 16 x 16
+# tokens, 384 -> 1152 channels, 7.2 ms as two ops, 3.4 ms fused). No autograd, so inference only.
 _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
