@@ -32,7 +32,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from dynamixer.models.fused import (
-    generate_mix_project, linear_add, linear_gelu, mix_project, onednn_inference, softmax, softmax_mixing)
+    eager_cpu_inference, generate_mix_project, linear_add, linear_gelu, mix_project, onednn_inference, softmax,
+    softmax_mixing)
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'GENERATION_STRATEGIES', 'FUSIONS']
 
@@ -583,9 +584,7 @@ class DynaMixer(nn.Module):
     def _inference_slice(self, x: torch.Tensor) -> int:
         """Images per slice for CPU inference under :data:`CPU_INFERENCE_SLICE_BYTES`, or 0: the whole batch."""
         budget = CPU_INFERENCE_SLICE_BYTES if self.inference_slice_bytes is None else self.inference_slice_bytes
-        if (budget <= 0 or x.device.type != 'cpu' or torch.is_grad_enabled()
-                or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or torch.onnx.is_in_onnx_export()):
+        if budget <= 0 or not eager_cpu_inference(x):
             return 0
         pixels = x.shape[-2] * x.shape[-1] / (self.img_size[0] * self.img_size[1])
         per_image = max(1., self._elems_per_image * pixels) * x.element_size()

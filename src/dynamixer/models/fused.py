@@ -85,13 +85,19 @@ if _HAS_ONEDNN_LINEAR:
     _register_onednn_linear_flops()
 
 
-def onednn_inference(x: torch.Tensor) -> bool:
-    """Whether :func:`linear_gelu` / :func:`linear_add` may serve ``x``: CPU fp32 without autograd, autocast,
-    tracing, compiling or export (which keep seeing plain ops)."""
-    return (_HAS_ONEDNN_LINEAR and torch.backends.mkldnn.enabled and x.device.type == 'cpu'
-            and x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
+def eager_cpu_inference(x: torch.Tensor) -> bool:
+    """CPU without autograd, run eagerly: tracing, compiling and export must keep seeing plain whole-batch ops.
+    The CPU inference shortcuts (batch slicing, fused linears) apply only here."""
+    return (x.device.type == 'cpu' and not torch.is_grad_enabled()
             and not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
                      or torch.onnx.is_in_onnx_export()))
+
+
+def onednn_inference(x: torch.Tensor) -> bool:
+    """Whether :func:`linear_gelu` / :func:`linear_add` may serve ``x``: :func:`eager_cpu_inference` in fp32
+    without autocast."""
+    return (_HAS_ONEDNN_LINEAR and torch.backends.mkldnn.enabled and x.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu') and eager_cpu_inference(x))
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
