@@ -32,8 +32,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from dynamixer.models.fused import (
-    eager_cpu_inference, generate_mix_project, linear_add, linear_gelu, mix_project, onednn_inference, softmax,
-    softmax_mixing)
+    autocast_dtype, eager_cpu_inference, generate_mix_project, layer_norm, linear_add, linear_gelu, mix_project,
+    onednn_inference, softmax, softmax_mixing)
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'GENERATION_STRATEGIES', 'FUSIONS']
 
@@ -278,12 +278,15 @@ class DynaMixerTokenMixer(nn.Module):
             if bias_row is not None:
                 means = means + (bias_row + bias_col)
             weights = self.reweight(means).view(-1, C, 3).softmax(dim=-1)  # per channel, over 3 branches
+            # in the branches' precision: under autocast the (tiny) fp32 weights would make every pass over the
+            # maps fp32, and the output projection casts the sum back anyway
+            weights = weights.to(rows.dtype)
             # branch order (column, row, channel) as in the official code
             w_col, w_row, w_chan = [w[:, None, None, :] for w in weights.unbind(-1)]
             if bias_row is None:
                 x = rows * w_row
             else:  # the branch biases, weighted, enter with the first product
-                x = torch.addcmul(w_row * bias_row + w_col * bias_col, rows, w_row)
+                x = torch.addcmul((w_row * bias_row + w_col * bias_col).to(rows.dtype), rows, w_row)
             x = x.addcmul_(cols, w_col).addcmul_(chans, w_chan)
         return x
 
@@ -294,6 +297,9 @@ class MixerLayer(nn.Module):
     # CPU fp32 inference runs the output projection + residual, fc1 + GELU and fc2 + residual as fused oneDNN
     # linears (see ``fused.onednn_inference``); ``reference_model`` and ``dynamixer bench --no-fusion`` turn it off.
     cpu_fused_inference: bool = True
+    # Under autocast the LayerNorms write the low precision that all their consumers cast to anyway, instead of
+    # the fp32 that CUDA autocast gives them (``fused.layer_norm``); ``reference_model`` turns it off.
+    autocast_norms: bool = True
 
     def __init__(
             self,
@@ -328,13 +334,20 @@ class MixerLayer(nn.Module):
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
 
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        dtype = autocast_dtype(x) if self.autocast_norms else None
+        if (dtype is None or type(norm) is not nn.LayerNorm or norm._forward_hooks or norm._forward_pre_hooks
+                or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):
+            return norm(x)
+        return layer_norm(norm, x, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fusable(x):  # eval: dropout and drop-path are identities
             proj, fc1, fc2 = self.token_mixer.proj, self.mlp.fc1, self.mlp.fc2
             x = linear_add(self.token_mixer.fuse_branches(self.norm1(x)), proj.weight, proj.bias, x)
             return linear_add(linear_gelu(self.norm2(x), fc1.weight, fc1.bias), fc2.weight, fc2.bias, x)
-        x = x + self.drop_path1(self.token_mixer(self.norm1(x)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.token_mixer(self._norm(self.norm1, x)))
+        x = x + self.drop_path2(self.mlp(self._norm(self.norm2, x)))
         return x
 
 

@@ -10,6 +10,32 @@ from typing import Optional, Tuple
 
 import torch
 
+_AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
+
+
+def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
+    if device_type not in _AUTOCAST_DEVICES:  # e.g. meta tensors
+        return False, None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The lower precision autocast runs matmuls in on ``x``'s device, or None where autocast is off."""
+    enabled, dtype = _autocast_state(x.device.type)
+    return dtype if enabled else None
+
+
+def layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``norm(x)`` written in ``dtype`` with autocast off: CUDA autocast would run it in fp32 and every consumer
+    (the linears, the mixing matmul) cast the output straight back. torch's kernel accumulates in fp32; eager
+    CUDA wants the affine parameters in the input's dtype (rounded once more), CPU takes them in fp32."""
+    weight, bias = norm.weight, norm.bias
+    if x.device.type != 'cpu' and weight is not None:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.layer_norm(x.to(dtype), norm.normalized_shape, weight, bias, norm.eps)
+
+
 # torch's CPU softmax handles the part of the last dimension beyond a multiple of the vector width one element
 # at a time; DynaMixer's lines are short (4, 7, 8, 14 tokens), which makes it 5-6x slower there than the same
 # steps written as whole-tensor ops (measured: 8-token lines 4.7 ms vs 0.9 ms, 14-token lines 24 vs 4 ms).
@@ -50,7 +76,14 @@ class _Softmax(torch.autograd.Function):
 
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.softmax(dim=-1)``, fast on CPU for short last dimensions; same values and gradients."""
+    """``x.softmax(dim=-1)``, fast on CPU for short last dimensions; same values and gradients.
+
+    Under autocast, low-precision logits give low-precision probabilities: CUDA autocast would run the softmax
+    in fp32 and the mixing matmul cast the result straight back, while torch's kernel accumulates in fp32
+    anyway (the same values to rounding, a third of the memory traffic on the largest tensors of the model)."""
+    if x.dtype == autocast_dtype(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return x.softmax(dim=-1)
     if not _use_whole_tensor_softmax(x):
         return x.softmax(dim=-1)
     if torch.is_grad_enabled() and x.requires_grad:
@@ -141,15 +174,6 @@ def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]
     return y.view(K, -1, *xs.shape[2:]).transpose(3, 4).reshape(K, -1, x.shape[-1])
 
 
-_AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
-
-
-def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
-    if device_type not in _AUTOCAST_DEVICES:  # e.g. meta tensors
-        return False, None
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-
-
 def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          branches: Tuple[bool, ...]) -> torch.Tensor:
     y = _mixed_tokens(mix, x, branches)
@@ -169,13 +193,19 @@ def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
     return _mix_project_forward(mix, x, weight, bias, branches)
 
 
+def _weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T @ b`` per branch, ``(K, R, m), (K, R, n) -> (K, m, n)``, as one mm per branch: a batched GEMM of
+    two long reductions gets a kernel without split-K on CUDA (a profile on an H200 showed 100 us launches)."""
+    return torch.stack([x.t() @ y for x, y in zip(a.unbind(0), b.unbind(0))])
+
+
 def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool):
     """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``."""
     K, B, L1, S, N, _ = mix.shape
     grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * L1 * N, C)
     grad_mix = grad_x = grad_weight = None
     if need_weight:  # the mixed tokens are recomputed, not saved
-        grad_weight = torch.bmm(grad.transpose(1, 2), _mixed_tokens(mix, x, branches))
+        grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches))
     if need_mix or need_x:
         grad_y = torch.bmm(grad, weight).view(K, -1, L1, N, S, weight.shape[1] // S).transpose(3, 4)
         c = grad_y.shape[-1]
@@ -266,7 +296,7 @@ class _GenerateMixProject(torch.autograd.Function):
                 if need[0]:
                     grad_lines = torch.bmm(grad_logits, gen_weight.transpose(1, 2).to(grad_logits.dtype))
                 if need[1]:
-                    grad_gen_weight = torch.bmm(lines.transpose(1, 2).to(grad_logits.dtype), grad_logits)
+                    grad_gen_weight = _weight_grad(lines.to(grad_logits.dtype), grad_logits)
                 if need[2]:
                     grad_gen_bias = grad_logits.sum(1, keepdim=True)
         return grad_lines, grad_gen_weight, grad_gen_bias, grad_x, grad_weight, None, None
