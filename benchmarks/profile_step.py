@@ -1,0 +1,42 @@
+"""Where one step's time goes, fast vs reference: torch.profiler's top operators by self device time.
+
+    python benchmarks/profile_step.py --device cuda --precision bf16 --mode train --batch-size 64
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dynamixer.bench import _Runner, build_models
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default='dynamixer_s')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    parser.add_argument('--mode', default='train', choices=['train', 'inference'])
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--top', type=int, default=25)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    models = build_models(args.model, args.img_size, {}, device)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    for impl, model in models.items():
+        runner = _Runner(model, args.mode, x, args.precision, compile=False)
+        for _ in range(3):
+            runner.step()
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                runner.step()
+        print(f'\n### {impl}: {args.model} {args.mode} b{args.batch_size} {args.precision} {args.device}, '
+              f'{args.steps} steps')
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+
+
+if __name__ == '__main__':
+    main()
