@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks behind docs/benchmarks.md's GPU tables, in one run (about 4 minutes on an
-# H100 / H200): the CUDA tests, `dynamixer bench` in bf16 (inference batch 128, training batch 64 and 256) and
-# fp32, and torch.profiler tables of one bf16 inference and training step. COMPILE=1 adds compiled bf16 (slow to
-# compile). Run from the repository root:
+# H100 / H200): the CUDA tests, `dynamixer bench` in bf16 (inference batch 128, training batch 64 and 256, the
+# latter also keeping the mixing matrices) and fp32, and torch.profiler tables of one bf16 inference and training
+# step. COMPILE=1 adds compiled bf16 (slow to compile). Run from the repository root:
 #     OUT=gpu-results bash benchmarks/gpu.sh
 set -u
 OUT=${OUT:-gpu-results}
@@ -20,16 +20,17 @@ bench() {  # name, timeout, bench arguments
     2>>"$OUT/log.txt" | tee -a "$OUT/tables.md"
 }
 profile() {  # mode, batch
-  timeout 100 python3 benchmarks/profile_step.py --device cuda --precision bf16 --mode "$1" --batch-size "$2" \
-    >"$OUT/profile_$1.txt" 2>>"$OUT/log.txt"
+  timeout 80 python3 benchmarks/profile_step.py --device cuda --precision bf16 --mode "$1" --batch-size "$2" \
+    >>"$OUT/profile.txt" 2>>"$OUT/log.txt"
 }
-bench bf16 150 --precision bf16 --batch-size 128 --train-batch-size 64 --warmup 5 --iters 20
-bench bf16_train256 150 --precision bf16 --modes train --train-batch-size 256 --warmup 3 --iters 10
-bench fp32 150 --precision fp32 --batch-size 128 --train-batch-size 64 --warmup 3 --iters 10
+bench bf16 100 --precision bf16 --batch-size 128 --train-batch-size 64 --warmup 5 --iters 20
+bench bf16_train256 100 --precision bf16 --modes train --train-batch-size 256 --warmup 3 --iters 10
+bench bf16_train256_keep 100 --precision bf16 --modes train --train-batch-size 256 --warmup 3 --iters 10 --keep-mixing
+bench fp32 100 --precision fp32 --batch-size 128 --train-batch-size 64 --warmup 3 --iters 10
 profile inference 128
 profile train 64
 if [ "${COMPILE:-0}" = 1 ]; then
   bench bf16_compiled 400 --precision bf16 --batch-size 128 --train-batch-size 64 --warmup 3 --iters 20 --compile --no-memory
 fi
 grep -v '^\[bench\]' "$OUT/log.txt" | tail -5
-grep -h -A1 'Self CUDA time total\|^###' "$OUT"/profile_*.txt
+grep '^###\|Self CUDA time total' "$OUT/profile.txt"
