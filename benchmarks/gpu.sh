@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks behind docs/benchmarks.md's GPU tables, in one run (about 4 minutes on an
-# H100 / H200): the CUDA tests, `dynamixer bench` in bf16 (inference batch 128, training batch 64 and 256, the
-# latter also keeping the mixing matrices) and fp32, and torch.profiler tables of one bf16 inference and training
-# step. COMPILE=1 adds compiled bf16 (slow to compile). Run from the repository root:
+# H100 / H200): the CUDA tests, `dynamixer bench` in bf16 (inference batch 128, training batch 64 and 256; and
+# without the Triton mixing kernels) and torch.profiler tables of one bf16 inference and training step.
+# COMPILE=1 adds compiled bf16 (slow to compile). Run from the repository root:
 #     OUT=gpu-results bash benchmarks/gpu.sh
 set -u
 OUT=${OUT:-gpu-results}
@@ -25,8 +25,8 @@ profile() {  # mode, batch
 }
 bench bf16 100 --precision bf16 --batch-size 128 --train-batch-size 64 --warmup 5 --iters 20
 bench bf16_train256 100 --precision bf16 --modes train --train-batch-size 256 --warmup 3 --iters 10
-bench bf16_train256_keep 100 --precision bf16 --modes train --train-batch-size 256 --warmup 3 --iters 10 --keep-mixing
-bench fp32 100 --precision fp32 --batch-size 128 --train-batch-size 64 --warmup 3 --iters 10
+bench bf16_no_triton 120 --precision bf16 --batch-size 128 --train-batch-size 256 --warmup 3 --iters 10 --no-triton \
+  --no-memory
 profile inference 128
 profile train 64
 if [ "${COMPILE:-0}" = 1 ]; then

@@ -110,3 +110,11 @@ def test_no_fusion_turns_the_fused_linears_off(monkeypatch, tmp_path, capsys):
     assert rc == 0 and dm.MixerLayer.cpu_fused_inference is False
     assert result['config']['cpu_fused_inference'] is False
     assert 'no fused linears' in capsys.readouterr().out
+
+
+def test_no_triton_turns_the_triton_kernel_off(monkeypatch, tmp_path):
+    from dynamixer.models import triton_mix
+    monkeypatch.setattr(triton_mix, 'ENABLED', True)  # restored afterwards
+    rc, result = _quick_bench(tmp_path, '--no-triton')
+    assert rc == 0 and triton_mix.ENABLED is False
+    assert result['config']['triton_mix'] is False

@@ -7,7 +7,6 @@ import torch
 
 import dynamixer  # noqa: F401  (registers the models)
 from dynamixer.models import dynamixer as dm
-from dynamixer.models.reference import reference_model
 from test_reference import TINY, _compare, bf16_errors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -47,3 +46,22 @@ def test_bf16_autocast_on_cuda():
     fast_out, ref_out, fast_grad, ref_grad = bf16_errors(model, torch.randn(4, 3, 32, 32, device='cuda'))
     assert 0 < fast_out < 0.02 and fast_out < 1.5 * ref_out
     assert 0 < fast_grad < 0.02 and fast_grad < 1.5 * ref_grad
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_triton_mixing_kernel_on_cuda(dtype):
+    """The Triton kernel against the torch path (bmm), both branches, a line length that fills no 16-block."""
+    from dynamixer.models import fused, triton_mix
+    pytest.importorskip('triton')
+    torch.manual_seed(0)
+    for B, H, W, C, S in [(3, 32, 32, 192, 8), (2, 12, 7, 48, 4)]:
+        x = torch.randn(B, H, W, C, device='cuda', dtype=dtype)
+        for branches in ([(False, True)] if H == W else []) + [(False,), (True,)]:
+            mix = torch.stack([torch.randn(B, W if col else H, S, H if col else W, H if col else W,
+                                           device='cuda').softmax(-1) for col in branches]).to(dtype)
+            assert triton_mix.usable(mix, x)
+            out = fused._mixed_tokens(mix, x, branches)
+            expected = torch.stack([torch.einsum('blsni,blisc->blnsc', m.float(), fused._segments(
+                x.float(), S, col).transpose(2, 3)).flatten(-2).flatten(0, 2) for m, col in zip(mix, branches)])
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert (out.float() - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())

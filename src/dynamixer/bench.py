@@ -215,21 +215,23 @@ def _reset_peak_rss() -> bool:
 
 
 def _configure_fast_path(value: Optional[bool], slicing: Optional[bool] = None,
-                         fusion: Optional[bool] = None) -> None:
-    from dynamixer.models import dynamixer as dm
+                         fusion: Optional[bool] = None, triton: Optional[bool] = None) -> None:
+    from dynamixer.models import dynamixer as dm, triton_mix
     if value is not None:
         dm.RECOMPUTE_MIXING = bool(value)
     if slicing is False:
         dm.CPU_INFERENCE_SLICE_BYTES = 0
     if fusion is False:  # the class default; the reference's layers are off already
         dm.MixerLayer.cpu_fused_inference = False
+    if triton is False:
+        triton_mix.ENABLED = False
 
 
 def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Peak memory of one step for one implementation (run this in a fresh process on CPU)."""
     device = torch.device(cfg['device'])
     torch.set_num_threads(cfg['threads'])
-    _configure_fast_path(cfg.get('recompute_mixing'), cfg.get('slicing'), cfg.get('fusion'))
+    _configure_fast_path(cfg.get('recompute_mixing'), cfg.get('slicing'), cfg.get('fusion'), cfg.get('triton'))
     models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'])
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
@@ -282,13 +284,15 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
               warmup: int = 2, iters: int = 5, threads: Optional[int] = None,
               modes: Sequence[str] = ('inference', 'train'), memory: bool = True, reference: bool = True,
               model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True,
-              recompute_mixing: Optional[bool] = None, slicing: bool = True, fusion: bool = True) -> Dict[str, Any]:
+              recompute_mixing: Optional[bool] = None, slicing: bool = True, fusion: bool = True,
+              triton: bool = True) -> Dict[str, Any]:
     """Fast vs reference, as a JSON-able dict (see the module docstring). ``recompute_mixing`` sets
     ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default); ``slicing=False``
     turns off the fast path's CPU inference slicing (``CPU_INFERENCE_SLICE_BYTES = 0``) and ``fusion=False``
-    its fused oneDNN linears in CPU inference (``MixerLayer.cpu_fused_inference = False``)."""
-    from dynamixer.models import dynamixer as dm
-    _configure_fast_path(recompute_mixing, slicing, fusion)
+    its fused oneDNN linears in CPU inference (``MixerLayer.cpu_fused_inference = False``), ``triton=False`` its
+    Triton mixing kernel on CUDA (``triton_mix.ENABLED = False``)."""
+    from dynamixer.models import dynamixer as dm, triton_mix
+    _configure_fast_path(recompute_mixing, slicing, fusion, triton)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -316,7 +320,8 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                    'img_size': img_size, 'precision': precision, 'device': device, 'compile': compile,
                    'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed,
                    'recompute_mixing': dm.RECOMPUTE_MIXING, 'inference_slice_bytes': dm.CPU_INFERENCE_SLICE_BYTES,
-                   'cpu_fused_inference': dm.MixerLayer.cpu_fused_inference},
+                   'cpu_fused_inference': dm.MixerLayer.cpu_fused_inference,
+                   'triton_mix': triton_mix.ENABLED and triton_mix.triton is not None},
         'matmul_peak_gflops': peak,
         'params': sum(p.numel() for p in fast.parameters()),
         'gmacs': macs / 1e9,
@@ -346,7 +351,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                                        impl=impl, batch_size=batch, mode=mode, precision=precision,
                                        compile=compile, threads=torch.get_num_threads(), seed=seed,
                                        recompute_mixing=dm.RECOMPUTE_MIXING, slicing=slicing,
-                                       fusion=fusion))
+                                       fusion=fusion, triton=triton))
                 entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
                 entry['memory_method'] = mem['method']
             if reference:
@@ -405,7 +410,8 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{'compiled' if cfg['compile'] else 'eager'}, {machine['threads']} threads, torch {machine['torch']}"
              f"{', mixing matrices kept for backward' if cfg.get('recompute_mixing') is False else ''}"
              f"{', inference batches whole' if cfg.get('inference_slice_bytes') == 0 else ''}"
-             f"{', no fused linears' if cfg.get('cpu_fused_inference') is False else ''}",
+             f"{', no fused linears' if cfg.get('cpu_fused_inference') is False else ''}"
+             f"{', no Triton kernel' if cfg.get('triton_mix') is False and cfg['device'].startswith('cuda') else ''}",
              f"{machine['cpu']}; params {result['params']:,}; {result['gmacs']:.3f} GMACs/img; "
              f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
     if 'graph_breaks' in result:
@@ -477,6 +483,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-fusion', action='store_true',
                         help='run CPU fp32 inference without the fast path\'s fused oneDNN linears '
                              '(MixerLayer.cpu_fused_inference=False)')
+    parser.add_argument('--no-triton', action='store_true',
+                        help='on CUDA, mix with torch ops instead of the fast path\'s Triton kernel '
+                             '(triton_mix.ENABLED=False)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--output', default=None, help='also write the JSON to this file')
@@ -499,7 +508,7 @@ def run(args) -> int:
                            [m.strip() for m in args.modes.split(',') if m.strip()], not args.no_memory,
                            not args.no_reference, model_args, args.seed, args.quiet,
                            recompute_mixing=False if args.keep_mixing else None, slicing=not args.no_slicing,
-                           fusion=not args.no_fusion)
+                           fusion=not args.no_fusion, triton=not args.no_triton)
         table = format_table(result)
     if args.output:
         tmp = f'{args.output}.tmp'

@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from dynamixer.models import triton_mix
+
 _AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
 
 
@@ -162,12 +164,23 @@ def _stack_segments(x: torch.Tensor, num_segments: int, branches: Tuple[bool, ..
     return views[0].unsqueeze(0) if len(views) == 1 else torch.stack(views)
 
 
+def _as_autocast(mix: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``mix`` and ``x`` cast as autocast's bmm would cast them (unchanged without autocast), so that the choice
+    between the Triton kernel and torch's ops sees the dtypes that the matmul computes in."""
+    dtype = autocast_dtype(x)
+    return (mix, x) if dtype is None else (mix.to(dtype), x.to(dtype))
+
+
 def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
     """Mixed tokens of every branch as one matrix per branch, ``(K, B * L1 * N, C)``, line-major.
 
     ``mix`` is ``(K, B, L1, S, N, N)``; all branches run as one batched matmul, and one copy brings the
-    segments back together (row branch: (B, H, W) token order; column branch: (B, W, H)).
+    segments back together (row branch: (B, H, W) token order; column branch: (B, W, H)). On CUDA a Triton
+    kernel does it all in one pass (``triton_mix``).
     """
+    mix, x = _as_autocast(mix, x)
+    if triton_mix.usable(mix, x):
+        return triton_mix.mixed_tokens(mix, x, branches)
     K, B, L1, S, N, _ = mix.shape
     xs = _stack_segments(x, S, branches)
     y = torch.bmm(mix.reshape(-1, N, N), xs.reshape(-1, N, xs.shape[-1]))  # bmm on 3-d is faster than matmul
@@ -207,7 +220,12 @@ def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x
     if need_weight:  # the mixed tokens are recomputed, not saved
         grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches))
     if need_mix or need_x:
-        grad_y = torch.bmm(grad, weight).view(K, -1, L1, N, S, weight.shape[1] // S).transpose(3, 4)
+        grad_y = torch.bmm(grad, weight)  # (K, B * L1 * N, C): line-major, as the mixed tokens
+        mix, x = _as_autocast(mix, x)
+        if triton_mix.usable(mix, x) and grad_y.dtype == x.dtype:
+            grad_mix, grad_x = triton_mix.mixed_tokens_backward(grad_y, mix, x, branches, need_mix, need_x)
+            return grad_mix, grad_x, grad_weight
+        grad_y = grad_y.view(K, -1, L1, N, S, weight.shape[1] // S).transpose(3, 4)
         c = grad_y.shape[-1]
         grad_y = grad_y.reshape(-1, N, c)  # (K * B * L1 * S, N, c)
         if need_mix:
