@@ -42,6 +42,18 @@ CHECK = textwrap.dedent('''
                 assert (out - expected).abs().max().item() < 1e-4 * max(1, expected.abs().max().item())
     assert len(calls) == 7 and len(backward_calls) == 14
 
+    # a dispatch mode watching (FLOP counting) sees torch's matmul, not an opaque kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = timm.create_model('dynamixer_cifar_t', **TINY).eval()
+    flops = []
+    for enabled in (True, False):
+        triton_mix.ENABLED = enabled
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 3, 32, 32))
+        flops.append(counter.get_total_flops())
+    triton_mix.ENABLED = True
+    assert flops[0] == flops[1] > 0 and len(calls) == 7
+
     # the whole fast path through the kernel against the reference: outputs 1e-5, gradients 1e-4
     calls.clear(), backward_calls.clear()
     for kwargs, size in [(dict(), (32, 32)), (dict(img_size=(40, 24)), (40, 24))]:

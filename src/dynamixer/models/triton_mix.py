@@ -13,6 +13,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
     import triton
@@ -26,9 +27,11 @@ _INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 
 def usable(mix: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether :func:`mixed_tokens` may serve these tensors: eager CUDA (or the interpreter), same float dtype."""
+    """Whether :func:`mixed_tokens` may serve these tensors: eager CUDA (or the interpreter), same float dtype,
+    and no dispatch mode watching (``FlopCounterMode`` must see the matmul, fake tensors have no memory)."""
     return (ENABLED and triton is not None and (x.is_cuda or _INTERPRET) and mix.device == x.device
             and mix.dtype == x.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and _get_current_dispatch_mode() is None
             and not (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
                      or torch.onnx.is_in_onnx_export()))
 
