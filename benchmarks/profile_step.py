@@ -12,14 +12,16 @@ from dynamixer.bench import _Runner, build_models
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--model', default='dynamixer_s')
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
-    parser.add_argument('--mode', default='train', choices=['train', 'inference'])
-    parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--steps', type=int, default=3)
-    parser.add_argument('--top', type=int, default=25)
+    parser.add_argument('--model', default='dynamixer_s', help='variant name')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
+    parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
+                        help='fp32, or bf16 / fp16 autocast')
+    parser.add_argument('--mode', default='train', choices=['train', 'inference'],
+                        help='train: forward + backward + AdamW step')
+    parser.add_argument('--batch-size', type=int, default=16, help='images per step')
+    parser.add_argument('--img-size', type=int, default=224, help='input size (square)')
+    parser.add_argument('--steps', type=int, default=3, help='profiled steps (after 3 untimed ones)')
+    parser.add_argument('--top', type=int, default=25, help='operators listed per implementation')
     args = parser.parse_args()
     device = torch.device(args.device)
     models = build_models(args.model, args.img_size, {}, device)
