@@ -38,27 +38,34 @@ def usable(mix: torch.Tensor, x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _mix_lines_kernel(mix_ptr, x_ptr, y_ptr, L1, N, C, c, stride_b, stride_line, stride_token,
-                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
+    def _tile(L1, N, c, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's (line, segment): line and segment ids, image and line index, token and channel ranges,
+        and the offsets and masks of its N x N mixing matrix and of its N x c tokens."""
         line = tl.program_id(0).to(tl.int64)  # b * L1 + l
         s = tl.program_id(1)
-        num_segments = tl.num_programs(1)
-        b = line // L1
-        l = line % L1
         n = tl.arange(0, BLOCK_N)
         j = tl.arange(0, BLOCK_C)
         rows_ok = n[:, None] < N
-        p = tl.load(mix_ptr + ((line * num_segments + s) * N + n[:, None]) * N + n[None, :],
-                    mask=rows_ok & (n[None, :] < N), other=0.)
-        tokens = tl.load(x_ptr + b * stride_b + l * stride_line + n[:, None] * stride_token + s * c + j[None, :],
-                         mask=rows_ok & (j[None, :] < c), other=0.)
-        if IEEE:  # fp32 stays fp32 (no TF32): the fast path must match the reference to 1e-5
-            mixed = tl.dot(p, tokens, input_precision='ieee')
-        else:
-            mixed = tl.dot(p, tokens)
-        tl.store(y_ptr + (line * N + n[:, None]) * C + s * c + j[None, :], mixed.to(y_ptr.dtype.element_ty),
-                 mask=rows_ok & (j[None, :] < c))
+        mix_offsets = ((line * tl.num_programs(1) + s) * N + n[:, None]) * N + n[None, :]
+        return line, s, line // L1, line % L1, n, j, mix_offsets, rows_ok & (n[None, :] < N), rows_ok & (j[None, :] < c)
 
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:  # fp32 stays fp32 (no TF32): the fast path must match the reference to 1e-5
+            return tl.dot(a, b, input_precision='ieee')
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _mix_lines_kernel(mix_ptr, x_ptr, y_ptr, L1, N, C, c, stride_b, stride_line, stride_token,
+                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
+        """Per (line, segment): y = P x, x read from the NHWC map, y written line-major."""
+        line, s, b, l, n, j, mix_offsets, mix_ok, tokens_ok = _tile(L1, N, c, BLOCK_N, BLOCK_C)
+        p = tl.load(mix_ptr + mix_offsets, mask=mix_ok, other=0.)
+        tokens = tl.load(x_ptr + b * stride_b + l * stride_line + n[:, None] * stride_token + s * c + j[None, :],
+                         mask=tokens_ok, other=0.)
+        mixed = _dot(p, tokens, IEEE)
+        tl.store(y_ptr + (line * N + n[:, None]) * C + s * c + j[None, :], mixed.to(y_ptr.dtype.element_ty),
+                 mask=tokens_ok)
 
     @triton.jit
     def _mix_lines_backward_kernel(mix_ptr, x_ptr, grad_y_ptr, grad_mix_ptr, grad_x_ptr, L1, N, C, c,
@@ -67,41 +74,31 @@ if triton is not None:
                                    ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                                    IEEE: tl.constexpr):
         """Per (line, segment): grad_P = grad_y x^T, grad_x (+)= P^T grad_y, grad_x in the NHWC layout."""
-        line = tl.program_id(0).to(tl.int64)
-        s = tl.program_id(1)
-        num_segments = tl.num_programs(1)
-        b = line // L1
-        l = line % L1
-        n = tl.arange(0, BLOCK_N)
-        j = tl.arange(0, BLOCK_C)
-        rows_ok = n[:, None] < N
-        channels_ok = rows_ok & (j[None, :] < c)
-        grad_y = tl.load(grad_y_ptr + (line * N + n[:, None]) * C + s * c + j[None, :], mask=channels_ok, other=0.)
-        mix_offsets = ((line * num_segments + s) * N + n[:, None]) * N + n[None, :]
-        mix_ok = rows_ok & (n[None, :] < N)
+        line, s, b, l, n, j, mix_offsets, mix_ok, tokens_ok = _tile(L1, N, c, BLOCK_N, BLOCK_C)
+        grad_y = tl.load(grad_y_ptr + (line * N + n[:, None]) * C + s * c + j[None, :], mask=tokens_ok, other=0.)
         if NEED_MIX:
             tokens = tl.load(x_ptr + b * stride_b + l * stride_line + n[:, None] * stride_token + s * c + j[None, :],
-                             mask=channels_ok, other=0.)
-            if IEEE:
-                grad_mix = tl.dot(grad_y, tl.trans(tokens), input_precision='ieee')
-            else:
-                grad_mix = tl.dot(grad_y, tl.trans(tokens))
+                             mask=tokens_ok, other=0.)
+            grad_mix = _dot(grad_y, tl.trans(tokens), IEEE)
             tl.store(grad_mix_ptr + mix_offsets, grad_mix.to(grad_mix_ptr.dtype.element_ty), mask=mix_ok)
         if NEED_X:
             p = tl.load(mix_ptr + mix_offsets, mask=mix_ok, other=0.)
-            if IEEE:
-                grad_x = tl.dot(tl.trans(p), grad_y, input_precision='ieee')
-            else:
-                grad_x = tl.dot(tl.trans(p), grad_y)
+            grad_x = _dot(tl.trans(p), grad_y, IEEE)
             target = (grad_x_ptr + b * grad_stride_b + l * grad_stride_line + n[:, None] * grad_stride_token
                       + s * c + j[None, :])
             if ACCUMULATE:  # the other branch wrote its share in an earlier launch
-                grad_x += tl.load(target, mask=channels_ok, other=0.).to(tl.float32)
-            tl.store(target, grad_x.to(grad_x_ptr.dtype.element_ty), mask=channels_ok)
+                grad_x += tl.load(target, mask=tokens_ok, other=0.).to(tl.float32)
+            tl.store(target, grad_x.to(grad_x_ptr.dtype.element_ty), mask=tokens_ok)
 
 
 def _block(size: int) -> int:
     return max(16, triton.next_power_of_2(size))  # tl.dot wants power-of-two blocks of at least 16
+
+
+def _line_strides(t: torch.Tensor, columns: bool) -> Tuple[int, int, int]:
+    """Strides of image, line and token in an NHWC map: rows are lines h of tokens w, columns lines w of tokens h."""
+    stride_b, stride_h, stride_w, _ = t.stride()
+    return (stride_b, stride_w, stride_h) if columns else (stride_b, stride_h, stride_w)
 
 
 def mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
@@ -114,12 +111,9 @@ def mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...])
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(K, B, L1, N, C, dtype=x.dtype, device=x.device)
-    stride_b, stride_h, stride_w, _ = x.stride()
     for k, columns in enumerate(branches):
-        # rows: line h, tokens w; columns: line w, tokens h
-        stride_line, stride_token = (stride_w, stride_h) if columns else (stride_h, stride_w)
         _mix_lines_kernel[(B * L1, S)](
-            mix[k], x, y[k], L1, N, C, c, stride_b, stride_line, stride_token,
+            mix[k], x, y[k], L1, N, C, c, *_line_strides(x, columns),
             BLOCK_N=_block(N), BLOCK_C=_block(c), IEEE=x.dtype == torch.float32, num_warps=2)
     return y.view(K, -1, C)
 
@@ -137,15 +131,10 @@ def mixed_tokens_backward(grad_y: torch.Tensor, mix: torch.Tensor, x: torch.Tens
         x = x.contiguous()
     grad_mix = torch.empty_like(mix) if need_mix else None
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-    stride_b, stride_h, stride_w, _ = x.stride()
-    grad_strides = grad_x.stride() if need_x else x.stride()
     for k, columns in enumerate(branches):
-        stride_line, stride_token = (stride_w, stride_h) if columns else (stride_h, stride_w)
-        grad_line, grad_token = ((grad_strides[2], grad_strides[1]) if columns
-                                 else (grad_strides[1], grad_strides[2]))
         _mix_lines_backward_kernel[(B * L1, S)](
             mix[k], x, grad_y[k], grad_mix[k] if need_mix else mix[k], grad_x if need_x else x, L1, N, C, c,
-            stride_b, stride_line, stride_token, grad_strides[0], grad_line, grad_token,
+            *_line_strides(x, columns), *_line_strides(grad_x if need_x else x, columns),
             NEED_MIX=need_mix, NEED_X=need_x, ACCUMULATE=k > 0, BLOCK_N=_block(N), BLOCK_C=_block(c),
             IEEE=x.dtype == torch.float32, num_warps=2)
     return grad_mix, grad_x
