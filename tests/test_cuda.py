@@ -7,7 +7,7 @@ import torch
 
 import dynamixer  # noqa: F401  (registers the models)
 from dynamixer.models import dynamixer as dm
-from test_reference import TINY, _compare, bf16_errors
+from test_reference import TINY, _compare, bf16_errors, check_autocast_fusion_dtype
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -65,3 +65,8 @@ def test_triton_mixing_kernel_on_cuda(dtype):
                 x.float(), S, col).transpose(2, 3)).flatten(-2).flatten(0, 2) for m, col in zip(mix, branches)])
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             assert (out.float() - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
+
+
+def test_autocast_fusion_dtype_on_cuda():
+    """CUDA autocast makes the fusion weights' softmax fp32; the fusion must still run in bf16."""
+    check_autocast_fusion_dtype('cuda')

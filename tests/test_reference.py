@@ -163,3 +163,20 @@ def test_autocast_norms_write_the_low_precision():
     with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
         assert layer._norm(layer.norm1, x).dtype == torch.bfloat16
     assert layer._norm(layer.norm1, x).dtype == torch.float32  # no autocast: untouched
+
+
+def check_autocast_fusion_dtype(device: str = 'cpu') -> None:
+    """Under autocast the per-channel fusion weights (softmax, bias terms) must not pull the fused map to fp32."""
+    torch.manual_seed(0)
+    mixer = DynaMixerTokenMixer(24, (6, 6), num_segments=4, reduced_dim=2).to(device)
+    x = torch.randn(2, 6, 6, 24, dtype=torch.bfloat16, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
+        fused = mixer.fuse_branches(x)
+    assert fused.dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = mixer.fuse_branches(x.float())
+    assert (fused.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+def test_autocast_fusion_stays_in_the_low_precision():
+    check_autocast_fusion_dtype('cpu')
