@@ -163,6 +163,13 @@ def test_autocast_norms_write_the_low_precision():
     with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
         assert layer._norm(layer.norm1, x).dtype == torch.bfloat16
     assert layer._norm(layer.norm1, x).dtype == torch.float32  # no autocast: untouched
+    seen = []  # a hook on the norm must still fire: the layer then calls the module itself
+    handle = layer.norm1.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    mixer = layer.token_mixer
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
+        layer(torch.randn(2, mixer.column_op.seq_len, mixer.row_mix.seq_len, 16))
+    handle.remove()
+    assert seen == [torch.float32]
 
 
 def check_autocast_fusion_dtype(device: str = 'cpu') -> None:

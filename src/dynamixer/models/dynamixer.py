@@ -327,17 +327,18 @@ class MixerLayer(nn.Module):
                 and type(act) is nn.GELU and act.approximate == 'none' and isinstance(self.mlp.norm, nn.Identity)
                 and onednn_inference(x) and not self._hooked())
 
-    def _hooked(self) -> bool:
-        """Forward hooks on the modules the fused path bypasses (e.g. ``dynamixer visualize`` hooks the token
-        mixer) must still fire: then the layer runs its modules one by one."""
+    def _hooked(self, *modules: nn.Module) -> bool:
+        """Whether forward hooks sit on the given modules (default: all the layer's own), globally included:
+        those a shortcut bypasses must still fire (e.g. ``dynamixer visualize`` hooks the token mixer), so the
+        layer then runs its modules one by one."""
         if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
+        modules = modules or [m for m in self.modules() if m is not self]
+        return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         dtype = autocast_dtype(x) if self.autocast_norms else None
-        if (dtype is None or type(norm) is not nn.LayerNorm or norm._forward_hooks or norm._forward_pre_hooks
-                or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):
+        if dtype is None or type(norm) is not nn.LayerNorm or self._hooked(norm):
             return norm(x)
         return layer_norm(norm, x, dtype)
 

@@ -1,4 +1,4 @@
-"""Triton kernel for DynaMixer's mixing matmul on CUDA (inference and training forward, eager).
+"""Triton kernels for DynaMixer's mixing matmul and its backward on CUDA (eager).
 
 Each program multiplies one (line, segment) mixing matrix P (N x N) with that segment's N tokens, read straight
 from the NHWC map (a row or a column of it), and writes the mixed tokens in the line-major layout the output
