@@ -70,3 +70,16 @@ def test_triton_mixing_kernel_on_cuda(dtype):
 def test_autocast_fusion_dtype_on_cuda():
     """CUDA autocast makes the fusion weights' softmax fp32; the fusion must still run in bf16."""
     check_autocast_fusion_dtype('cuda')
+
+
+def test_compile_has_no_graph_breaks_on_cuda():
+    """On CUDA the fast path's Triton checks run (on CPU they short-circuit): they must not break the graph."""
+    torch._dynamo.reset()
+    model = timm.create_model('dynamixer_cifar_t', **TINY).cuda()
+    compiled = torch.compile(model, backend='eager', fullgraph=True)  # fullgraph: a graph break raises
+    x = torch.randn(2, 3, 32, 32, device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        compiled(x).float().sum().backward()
+    compiled.eval()
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max().item() < 1e-4

@@ -60,6 +60,16 @@ CHECK = textwrap.dedent('''
         model = timm.create_model('dynamixer_cifar_t', **{**TINY, **kwargs})
         _compare(model, torch.randn(2, 3, *size))
     assert len(calls) > 8 and len(backward_calls) > 4  # forward, backward, non-square models' separate branches
+
+    # torch.compile sees torch ops, and the kernel's checks must not break its graph (fullgraph raises on a
+    # break), forward and backward, in fp32 and under autocast
+    calls.clear(), backward_calls.clear()
+    model = timm.create_model('dynamixer_cifar_t', **TINY)
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    for enabled in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=enabled):
+            compiled(torch.randn(2, 3, 32, 32)).float().sum().backward()
+    assert not calls and not backward_calls
     print('ok')
 ''')
 

@@ -28,12 +28,13 @@ _INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 def usable(mix: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :func:`mixed_tokens` may serve these tensors: eager CUDA (or the interpreter), same float dtype,
-    and no dispatch mode watching (``FlopCounterMode`` must see the matmul, fake tensors have no memory)."""
-    return (ENABLED and triton is not None and (x.is_cuda or _INTERPRET) and mix.device == x.device
-            and mix.dtype == x.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and _get_current_dispatch_mode() is None
+    and no dispatch mode watching (``FlopCounterMode`` must see the matmul, fake tensors have no memory).
+    The compile check comes first: dynamo cannot trace the dispatch-mode query and would break the graph."""
+    return (ENABLED and triton is not None and (x.is_cuda or _INTERPRET)
             and not (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
-                     or torch.onnx.is_in_onnx_export()))
+                     or torch.onnx.is_in_onnx_export())
+            and mix.device == x.device and mix.dtype == x.dtype
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _get_current_dispatch_mode() is None)
 
 
 if triton is not None:
