@@ -160,8 +160,16 @@ def test_amp_grad_checkpointing_and_ema_run(tmp_path, capsys, image_folder):
                                             '--mixup', '0.8', '--cutmix', '1.0', '--crop', 'rrc', '--aa',
                                             'rand-m9-mstd0.5-inc1', '--reprob', '0.25'))
     assert code == 0, err
+    assert 'fp16 on CPU is slow' not in err
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert any(not torch.equal(ckpt['model'][k], ckpt['ema'][k]) for k in ckpt['model'])
+
+
+def test_fp16_on_cpu_trains_and_points_to_bf16(tmp_path, capsys, image_folder):
+    code, _, err = _cli(capsys, *train_args(tmp_path / 'run', '--data', str(image_folder), '--epochs', '1',
+                                            '--batch-size', '12', '--amp', 'fp16'))
+    assert code == 0, err
+    assert 'fp16 on CPU is slow' in err and '--amp bf16' in err
 
 
 def test_finetune_from_model_dir_resets_head_and_resamples(tmp_path, capsys, image_folder):

@@ -482,6 +482,9 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     ema = ModelEmaV3(raw_model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     amp_dtype = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
+    if cfg.amp == 'fp16' and device.type == 'cpu':  # measured: docs/benchmarks.md, bf16 autocast and torch.compile
+        log('note: --amp fp16 on CPU is slow (most CPUs lack fp16 matmul instructions and torch falls back to a '
+            'slow kernel in backward); --amp bf16 is the CPU choice.', file=sys.stderr)
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
