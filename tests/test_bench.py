@@ -113,6 +113,18 @@ def test_no_fusion_turns_the_fused_linears_off(monkeypatch, tmp_path, capsys):
     assert 'no fused linears' in capsys.readouterr().out
 
 
+def test_no_onednn_turns_the_onednn_linears_off(monkeypatch, tmp_path, capsys):
+    from dynamixer.models import dynamixer as dm
+    monkeypatch.setattr(dm.MixerLayer, 'onednn_linears', True)  # restored afterwards
+    monkeypatch.setattr(dm.DynaMixerTokenMixer, 'onednn_linears', True)
+    rc, result = _quick_bench(tmp_path)
+    assert rc == 0 and result['config']['onednn_linears'] is True
+    rc, result = _quick_bench(tmp_path, '--no-onednn')
+    assert rc == 0 and dm.MixerLayer.onednn_linears is False and dm.DynaMixerTokenMixer.onednn_linears is False
+    assert result['config']['onednn_linears'] is False
+    assert 'no oneDNN linears' in capsys.readouterr().out
+
+
 def test_no_triton_turns_the_triton_kernel_off(monkeypatch, tmp_path):
     from dynamixer.models import triton_mix
     monkeypatch.setattr(triton_mix, 'ENABLED', True)  # restored afterwards

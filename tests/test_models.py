@@ -641,3 +641,75 @@ def test_cpu_fp32_inference_uses_fused_onednn_linears_only_where_it_may(monkeypa
     with counter:  # the fused linears themselves count as the linears they replace
         fused.linear_gelu(rows, w, None), fused.linear_add(rows, w, torch.zeros(6), torch.zeros(3, 5, 6))
     assert counter.get_total_flops() == 2 * (2 * 15 * 4 * 6)
+
+
+class _CountOneDnnLinears(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the oneDNN linear calls (forward and backward) that run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket is torch.ops.mkldnn._linear_pointwise
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_onednn_linear_gives_f_linear_values_and_gradients(bias):
+    from dynamixer.models import fused
+    if not fused._HAS_ONEDNN_LINEAR:
+        pytest.skip('this torch build has no oneDNN linear kernels')
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    w = torch.randn(4, 7, requires_grad=True)
+    b = torch.randn(4, requires_grad=True) if bias else None
+    g = torch.randn(3, 5, 4)
+    with _CountOneDnnLinears() as counter:
+        out = fused.linear(x, w, b)
+        out.mul_(2)  # callers add to the result in place (the 'sum' fusion does)
+        grads = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], g)
+    assert counter.calls == 2  # the forward and the input gradient
+    expected = torch.autograd.grad(2 * F.linear(x, w, b), [t for t in (x, w, b) if t is not None], g)
+    assert torch.allclose(out, 2 * F.linear(x, w, b), atol=1e-5)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-5)
+    with _CountOneDnnLinears() as counter:
+        torch.autograd.grad(fused.linear(x.detach(), w, b).sum(), w)  # no input gradient asked: one call
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            fused.linear(x, w, b)
+        fused.linear(x.double(), w.double())
+    assert counter.calls == 1
+
+
+def test_cpu_fp32_training_runs_its_linears_through_onednn_with_the_reference_gradients(monkeypatch):
+    import dynamixer.models.dynamixer as dm
+    from dynamixer.models import fused
+    from dynamixer.models.reference import reference_model
+    if not fused._HAS_ONEDNN_LINEAR:
+        pytest.skip('this torch build has no oneDNN linear kernels')
+    torch.manual_seed(0)
+    model = tiny().train()
+    ref = reference_model(model)
+    x = torch.randn(2, 3, 56, 56)
+
+    def grads(m):
+        m.zero_grad()
+        with _CountOneDnnLinears() as counter:
+            m(x).logsumexp(-1).sum().backward()
+        return counter.calls, {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    calls, fast = grads(model)
+    layers = sum(isinstance(m, dm.MixerLayer) for m in model.modules())
+    # per layer: fc1, fc2, channel, compress (rows and columns share one call), output projection, each forward
+    # and input gradient, and the two mixed-token projections' input gradient
+    assert calls == layers * (5 * 2 + 2)
+    ref_calls, expected = grads(ref)
+    assert ref_calls == 0  # the plain oracle stays plain
+    for name, grad in expected.items():
+        assert torch.allclose(fast[name], grad, atol=1e-4), name
+    monkeypatch.setattr(dm.MixerLayer, 'onednn_linears', False)
+    monkeypatch.setattr(dm.DynaMixerTokenMixer, 'onednn_linears', False)
+    calls, plain = grads(model)
+    assert calls == 0
+    for name, grad in expected.items():
+        assert torch.allclose(plain[name], grad, atol=1e-4), name

@@ -76,19 +76,25 @@ def matmul_peak_gflops(device: torch.device, precision: str = 'fp32', size: Opti
                        repeats: int = 3) -> float:
     """Best of a few big square matmuls, in GFLOP/s (2 * n^3 per matmul), in the benchmark's precision and in
     ``nn.Linear``'s layout (``x @ W^T``): torch's CPU fp16 ``a @ b`` falls back to a kernel 40x slower than the
-    transposed layout on CPUs without fp16 matmul instructions, which made the "peak" 1 GFLOP/s there."""
+    transposed layout on CPUs without fp16 matmul instructions, which made the "peak" 1 GFLOP/s there. On CPU in
+    fp32 the faster of ``F.linear`` (MKL) and oneDNN's linear, which the fast path also uses."""
+    from dynamixer.models import fused
     dtype = PRECISIONS[precision] or torch.float32
     n = size or (8192 if device.type == 'cuda' else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    F.linear(a, b)
-    _sync(device)
+    kernels = [F.linear]
+    if fused.onednn_fp32(a):
+        kernels.append(fused._onednn_linear)
     best = float('inf')
-    for _ in range(repeats):
-        start = time.perf_counter()
-        F.linear(a, b)
+    for kernel in kernels:
+        kernel(a, b)
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kernel(a, b)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best / 1e9
 
 
@@ -218,7 +224,8 @@ def _reset_peak_rss() -> bool:
 
 
 def _configure_fast_path(value: Optional[bool], slicing: Optional[bool] = None,
-                         fusion: Optional[bool] = None, triton: Optional[bool] = None) -> None:
+                         fusion: Optional[bool] = None, triton: Optional[bool] = None,
+                         onednn: Optional[bool] = None) -> None:
     from dynamixer.models import dynamixer as dm, triton_mix
     if value is not None:
         dm.RECOMPUTE_MIXING = bool(value)
@@ -226,6 +233,8 @@ def _configure_fast_path(value: Optional[bool], slicing: Optional[bool] = None,
         dm.CPU_INFERENCE_SLICE_BYTES = 0
     if fusion is False:  # the class default; the reference's layers are off already
         dm.MixerLayer.cpu_fused_inference = False
+    if onednn is False:  # class defaults, as above
+        dm.MixerLayer.onednn_linears = dm.DynaMixerTokenMixer.onednn_linears = False
     if triton is False:
         triton_mix.ENABLED = False
 
@@ -234,7 +243,8 @@ def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Peak memory of one step for one implementation (run this in a fresh process on CPU)."""
     device = torch.device(cfg['device'])
     torch.set_num_threads(cfg['threads'])
-    _configure_fast_path(cfg.get('recompute_mixing'), cfg.get('slicing'), cfg.get('fusion'), cfg.get('triton'))
+    _configure_fast_path(cfg.get('recompute_mixing'), cfg.get('slicing'), cfg.get('fusion'), cfg.get('triton'),
+                         cfg.get('onednn'))
     models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'])
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
@@ -288,14 +298,15 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
               modes: Sequence[str] = ('inference', 'train'), memory: bool = True, reference: bool = True,
               model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True,
               recompute_mixing: Optional[bool] = None, slicing: bool = True, fusion: bool = True,
-              triton: bool = True) -> Dict[str, Any]:
+              triton: bool = True, onednn: bool = True) -> Dict[str, Any]:
     """Fast vs reference, as a JSON-able dict (see the module docstring). ``recompute_mixing`` sets
     ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default); ``slicing=False``
     turns off the fast path's CPU inference slicing (``CPU_INFERENCE_SLICE_BYTES = 0``) and ``fusion=False``
-    its fused oneDNN linears in CPU inference (``MixerLayer.cpu_fused_inference = False``), ``triton=False`` its
-    Triton mixing kernel on CUDA (``triton_mix.ENABLED = False``)."""
+    its fused oneDNN linears in CPU inference (``MixerLayer.cpu_fused_inference = False``), ``onednn=False`` its
+    plain oneDNN linears on CPU in fp32 (``onednn_linears = False`` on ``MixerLayer`` and
+    ``DynaMixerTokenMixer``), ``triton=False`` its Triton mixing kernel on CUDA (``triton_mix.ENABLED = False``)."""
     from dynamixer.models import dynamixer as dm, triton_mix
-    _configure_fast_path(recompute_mixing, slicing, fusion, triton)
+    _configure_fast_path(recompute_mixing, slicing, fusion, triton, onednn)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -324,6 +335,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                    'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed,
                    'recompute_mixing': dm.RECOMPUTE_MIXING, 'inference_slice_bytes': dm.CPU_INFERENCE_SLICE_BYTES,
                    'cpu_fused_inference': dm.MixerLayer.cpu_fused_inference,
+                   'onednn_linears': dm.MixerLayer.onednn_linears and dm.DynaMixerTokenMixer.onednn_linears,
                    'triton_mix': triton_mix.ENABLED and triton_mix.triton is not None},
         'matmul_peak_gflops': peak,
         'params': sum(p.numel() for p in fast.parameters()),
@@ -354,7 +366,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                                        impl=impl, batch_size=batch, mode=mode, precision=precision,
                                        compile=compile, threads=torch.get_num_threads(), seed=seed,
                                        recompute_mixing=dm.RECOMPUTE_MIXING, slicing=slicing,
-                                       fusion=fusion, triton=triton))
+                                       fusion=fusion, triton=triton, onednn=onednn))
                 entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
                 entry['memory_method'] = mem['method']
             if reference:
@@ -414,6 +426,7 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{', mixing matrices kept for backward' if cfg.get('recompute_mixing') is False else ''}"
              f"{', inference batches whole' if cfg.get('inference_slice_bytes') == 0 else ''}"
              f"{', no fused linears' if cfg.get('cpu_fused_inference') is False else ''}"
+             f"{', no oneDNN linears' if cfg.get('onednn_linears') is False else ''}"
              f"{', no Triton kernel' if cfg.get('triton_mix') is False and cfg['device'].startswith('cuda') else ''}",
              f"{machine['cpu']}; params {result['params']:,}; {result['gmacs']:.3f} GMACs/img; "
              f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
@@ -486,6 +499,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-fusion', action='store_true',
                         help='run CPU fp32 inference without the fast path\'s fused oneDNN linears '
                              '(MixerLayer.cpu_fused_inference=False)')
+    parser.add_argument('--no-onednn', action='store_true',
+                        help='run the fast path\'s CPU fp32 linears (forward and input gradient) through '
+                             'F.linear / MKL instead of oneDNN (onednn_linears=False)')
     parser.add_argument('--no-triton', action='store_true',
                         help='on CUDA, mix with torch ops instead of the fast path\'s Triton kernel '
                              '(triton_mix.ENABLED=False)')
@@ -511,7 +527,7 @@ def run(args) -> int:
                            [m.strip() for m in args.modes.split(',') if m.strip()], not args.no_memory,
                            not args.no_reference, model_args, args.seed, args.quiet,
                            recompute_mixing=False if args.keep_mixing else None, slicing=not args.no_slicing,
-                           fusion=not args.no_fusion, triton=not args.no_triton)
+                           fusion=not args.no_fusion, triton=not args.no_triton, onednn=not args.no_onednn)
         table = format_table(result)
     if args.output:
         tmp = f'{args.output}.tmp'

@@ -32,13 +32,21 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from dynamixer.models.fused import (
-    autocast_dtype, eager_cpu_inference, generate_mix_project, layer_norm, linear_add, linear_gelu, mix_project,
-    onednn_inference, softmax, softmax_mixing)
+    autocast_dtype, eager_cpu_inference, generate_mix_project, layer_norm, linear, linear_add, linear_gelu,
+    mix_project, onednn_fp32, onednn_inference, softmax, softmax_mixing)
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'GENERATION_STRATEGIES', 'FUSIONS']
 
 GENERATION_STRATEGIES = ('dynamic', 'static', 'dense')
 FUSIONS = ('reweight', 'sum')
+
+
+def _hooked(modules) -> bool:
+    """Whether forward hooks sit on any of ``modules`` or globally: a shortcut that bypasses a module's call must
+    not skip its hooks (e.g. ``dynamixer visualize`` hooks the token mixer), so callers then run the modules."""
+    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _per_stage(value: Union[Any, Sequence[Any]], num_stages: int, name: str) -> Tuple[Any, ...]:
@@ -159,6 +167,10 @@ def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> tor
 class DynaMixerTokenMixer(nn.Module):
     """Row, column and channel branches on an NHWC map, fused per channel (ViP-style re-weighting)."""
 
+    # CPU fp32 runs the channel, compress and output linears through oneDNN (``fused.linear``: the same values
+    # and gradients, faster on the CPUs measured); ``dynamixer bench --no-onednn`` turns it off.
+    onednn_linears: bool = True
+
     def __init__(
             self,
             dim: int,
@@ -202,11 +214,11 @@ class DynaMixerTokenMixer(nn.Module):
         S, d = ops[0].num_segments, ops[0].reduced_dim
         unique = list({id(op): op for op in ops}.values())
         if len(unique) == 1:
-            z = unique[0].compress(x)
+            z = self._linear(unique[0].compress, x)
         else:
             weight = torch.cat([op.compress.weight for op in unique])
             bias = torch.cat([op.compress.bias for op in unique])
-            z = F.linear(x, weight, bias)
+            z = linear(x, weight, bias) if self.onednn_linears else F.linear(x, weight, bias)
         z = z.unflatten(-1, (len(unique), S, d))  # (B, H, W, ops, S, d)
         lines = [z[..., unique.index(op), :, :] for op in ops]
         lines = [z_.permute(0, 2, 3, 1, 4) if columns else z_.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
@@ -254,15 +266,21 @@ class DynaMixerTokenMixer(nn.Module):
             ops = [col if columns else row for columns in branches]
             weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
             if row.compress is None or not RECOMPUTE_MIXING:  # static: the (expanded) matrices cost no memory
-                out = mix_project(self._branch_mixing(x, branches), x, weight, None, branches)
+                out = mix_project(self._branch_mixing(x, branches), x, weight, None, branches, self.onednn_linears)
             else:
                 lines, gen_weight, gen_bias, dims = self._generator_inputs(x, branches)
-                out = generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims)
+                out = generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims,
+                                           self.onednn_linears)
             outs.extend(out.unbind(0))
         return outs[0], outs[1], row.proj.bias, col.proj.bias
 
+    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn_linears and not _hooked((layer,)):
+            return linear(x, layer.weight, layer.bias)
+        return layer(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.fuse_branches(x)))
+        return self.proj_drop(self._linear(self.proj, self.fuse_branches(x)))
 
     def fuse_branches(self, x: torch.Tensor) -> torch.Tensor:
         """Everything but the output projection: the three branches, fused."""
@@ -271,9 +289,10 @@ class DynaMixerTokenMixer(nn.Module):
         cols = cols.transpose(1, 2)  # (B, H, W, C) view
         if self.reweight is None:
             bias = None if bias_row is None else bias_row + bias_col
-            x = F.linear(x, self.channel_mix.weight, bias).add_(rows).add_(cols)
+            channel_mix = linear if self.onednn_linears else F.linear
+            x = channel_mix(x, self.channel_mix.weight, bias).add_(rows).add_(cols)
         else:
-            chans = self.channel_mix(x)
+            chans = self._linear(self.channel_mix, x)
             means = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
             if bias_row is not None:
                 means = means + (bias_row + bias_col)
@@ -297,6 +316,9 @@ class MixerLayer(nn.Module):
     # CPU fp32 inference runs the output projection + residual, fc1 + GELU and fc2 + residual as fused oneDNN
     # linears (see ``fused.onednn_inference``); ``reference_model`` and ``dynamixer bench --no-fusion`` turn it off.
     cpu_fused_inference: bool = True
+    # CPU fp32 runs the MLP's linears through oneDNN, with and without autograd (``fused.linear``);
+    # ``reference_model`` and ``dynamixer bench --no-onednn`` turn it off.
+    onednn_linears: bool = True
     # Under autocast the LayerNorms write the low precision that all their consumers cast to anyway, instead of
     # the fp32 that CUDA autocast gives them (``fused.layer_norm``); ``reference_model`` turns it off.
     autocast_norms: bool = True
@@ -325,20 +347,19 @@ class MixerLayer(nn.Module):
         act, mixer = self.mlp.act, self.token_mixer
         return (self.cpu_fused_inference and not self.training and isinstance(mixer, DynaMixerTokenMixer)
                 and type(act) is nn.GELU and act.approximate == 'none' and isinstance(self.mlp.norm, nn.Identity)
-                and onednn_inference(x) and not self._hooked())
+                and onednn_inference(x) and not _hooked(m for m in self.modules() if m is not self))
 
-    def _hooked(self, *modules: nn.Module) -> bool:
-        """Whether forward hooks sit on the given modules (default: all the layer's own), globally included:
-        those a shortcut bypasses must still fire (e.g. ``dynamixer visualize`` hooks the token mixer), so the
-        layer then runs its modules one by one."""
-        if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
-            return True
-        modules = modules or [m for m in self.modules() if m is not self]
-        return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(x)``, with its linears through oneDNN where ``fused.linear`` can serve them."""
+        mlp = self.mlp
+        if not (self.onednn_linears and type(mlp) is Mlp and onednn_fp32(x)) or _hooked(mlp.modules()):
+            return mlp(x)
+        x = mlp.norm(mlp.drop1(mlp.act(linear(x, mlp.fc1.weight, mlp.fc1.bias))))
+        return mlp.drop2(linear(x, mlp.fc2.weight, mlp.fc2.bias))
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         dtype = autocast_dtype(x) if self.autocast_norms else None
-        if dtype is None or type(norm) is not nn.LayerNorm or self._hooked(norm):
+        if dtype is None or type(norm) is not nn.LayerNorm or _hooked((norm,)):
             return norm(x)
         return layer_norm(norm, x, dtype)
 
@@ -348,7 +369,7 @@ class MixerLayer(nn.Module):
             x = linear_add(self.token_mixer.fuse_branches(self.norm1(x)), proj.weight, proj.bias, x)
             return linear_add(linear_gelu(self.norm2(x), fc1.weight, fc1.bias), fc2.weight, fc2.bias, x)
         x = x + self.drop_path1(self.token_mixer(self._norm(self.norm1, x)))
-        x = x + self.drop_path2(self.mlp(self._norm(self.norm2, x)))
+        x = x + self.drop_path2(self._mlp(self._norm(self.norm2, x)))
         return x
 
 

@@ -137,7 +137,7 @@ class ReferenceTokenMixer(nn.Module):
 
 def reference_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose ``DynaMixerTokenMixer`` modules are ``ReferenceTokenMixer`` (same weights),
-    running every batch whole and every layer as plain ops (no CPU inference slicing, no fused oneDNN linears,
+    running every batch whole and every layer as plain ops (no CPU inference slicing, no oneDNN linears,
     no low-precision LayerNorms under autocast: those are part of the fast path)."""
     if isinstance(model, DynaMixerTokenMixer):
         return ReferenceTokenMixer.from_mixer(model)
@@ -146,7 +146,7 @@ def reference_model(model: nn.Module) -> nn.Module:
         ref.inference_slice_bytes = 0
     for name, module in list(ref.named_modules()):
         if isinstance(module, MixerLayer):
-            module.cpu_fused_inference = module.autocast_norms = False
+            module.cpu_fused_inference = module.autocast_norms = module.onednn_linears = False
         if isinstance(module, DynaMixerTokenMixer):
             parent_name, _, child = name.rpartition('.')
             parent = ref.get_submodule(parent_name) if parent_name else ref
