@@ -673,6 +673,10 @@ def test_onednn_linear_gives_f_linear_values_and_gradients(bias):
     assert torch.allclose(out, 2 * F.linear(x, w, b), atol=1e-5)
     for got, want in zip(grads, expected):
         assert torch.allclose(got, want, atol=1e-5)
+    first = torch.autograd.grad(fused.linear(x, w, b).pow(2).sum(), x, create_graph=True)[0]
+    expected = torch.autograd.grad(F.linear(x, w, b).pow(2).sum(), x, create_graph=True)[0]
+    assert torch.allclose(torch.autograd.grad(first.sum(), w)[0], torch.autograd.grad(expected.sum(), w)[0],
+                          atol=1e-4)  # double backward (e.g. gradient penalties) works too
     with _CountOneDnnLinears() as counter:
         torch.autograd.grad(fused.linear(x.detach(), w, b).sum(), w)  # no input gradient asked: one call
         with torch.autocast('cpu', dtype=torch.bfloat16):

@@ -176,7 +176,9 @@ class _OneDnnLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad
-        grad_x = _onednn_linear(grad, weight.t().contiguous()) if need_x else None
+        grad_x = None
+        if need_x:  # under create_graph, ops with a derivative (oneDNN's linear has none)
+            grad_x = grad @ weight if torch.is_grad_enabled() else _onednn_linear(grad, weight.t().contiguous())
         grad_weight = grad.t() @ x if need_weight else None
         grad_bias = grad.sum(0) if need_bias else None
         return grad_x, grad_weight, grad_bias
@@ -274,7 +276,8 @@ def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x
         mix, x = _as_autocast(mix, x)
         c = weight.shape[1] // S
         use_triton = triton_mix.usable(mix, x)
-        if onednn and not use_triton and onednn_fp32(grad):  # grad @ W per branch, written in segment-major order
+        # grad @ W per branch through oneDNN, written in segment-major order (not under create_graph: no derivative)
+        if onednn and not use_triton and onednn_fp32(grad) and not torch.is_grad_enabled():
             grad_y = grad.new_empty(K, B, L1, S, N, c)
             for k in range(K):
                 grad_y[k].copy_(_onednn_linear(grad[k], weight[k].t().contiguous()).view(B, L1, N, S, c)
