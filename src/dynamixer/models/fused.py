@@ -238,14 +238,25 @@ def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]
     return y.view(K, -1, *xs.shape[2:]).transpose(3, 4).reshape(K, -1, x.shape[-1])
 
 
-def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         branches: Tuple[bool, ...]) -> torch.Tensor:
-    y = _mixed_tokens(mix, x, branches)
+def _project(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mix: torch.Tensor) -> torch.Tensor:
+    """The branch projections of the mixed tokens ``y`` (:func:`_mixed_tokens`), ``(K, B, L1, N, C)``."""
     if bias is None:  # the caller adds the bias where it costs no extra pass (in the fusion)
         out = torch.bmm(y, weight.transpose(1, 2))
     else:
         out = torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
     return out.view(mix.shape[0], -1, mix.shape[2], mix.shape[4], weight.shape[1])
+
+
+def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         branches: Tuple[bool, ...]) -> torch.Tensor:
+    return _project(_mixed_tokens(mix, x, branches), weight, bias, mix)
+
+
+def _keep_mixed_tokens(x: torch.Tensor) -> bool:
+    """Whether backward gets the mixed tokens kept from forward rather than recomputed. On CPU recomputing them
+    (segment-major copy, mixing bmm, copy back) took about 2.5 % of a dynamixer_s training step, and keeping
+    them costs 8 % of its training memory; on CUDA one Triton pass recomputes them and memory is scarcer."""
+    return x.device.type == 'cpu'
 
 
 def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -264,14 +275,14 @@ def _weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool,
-                          onednn: bool = True):
+                          onednn: bool = True, mixed: Optional[torch.Tensor] = None):
     """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``; ``onednn``
-    allows oneDNN for ``grad @ W`` (see :class:`_OneDnnLinear`)."""
+    allows oneDNN for ``grad @ W`` (see :class:`_OneDnnLinear`); ``mixed``: the mixed tokens, if kept."""
     K, B, L1, S, N, _ = mix.shape
     grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * L1 * N, C)
     grad_mix = grad_x = grad_weight = None
-    if need_weight:  # the mixed tokens are recomputed, not saved
-        grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches))
+    if need_weight:
+        grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches) if mixed is None else mixed)
     if need_mix or need_x:
         mix, x = _as_autocast(mix, x)
         c = weight.shape[1] // S
@@ -306,9 +317,10 @@ class _MixProject(torch.autograd.Function):
 
     ``mix``: ``(K, B, L1, S, N, N)``; ``weight``: ``(K, C, C)``; ``bias``: ``(K, C)`` or None; ``branches``: a
     tuple of K flags (False: rows, True: columns). Returns ``(K, B, L1, N, C)`` (rows: ``(B, H, W, C)``,
-    columns: ``(B, W, H, C)``). It saves only ``P`` and ``x`` for backward (``x`` is kept alive by the compress
-    and channel layers anyway) and recomputes the mixed tokens there, instead of keeping the two permuted
-    copies per branch that plain autograd saves (the segment-major input of the bmm and the input of ``proj``).
+    columns: ``(B, W, H, C)``). It saves ``P`` and ``x`` for backward (``x`` is kept alive by the compress
+    and channel layers anyway) and, on CPU only, the mixed tokens (:func:`_keep_mixed_tokens`), instead of the
+    two permuted copies per branch that plain autograd keeps (the segment-major input of the bmm and the input of
+    ``proj``); what is not kept is recomputed.
     """
 
     @staticmethod
@@ -316,18 +328,19 @@ class _MixProject(torch.autograd.Function):
         ctx.branches, ctx.onednn = branches, onednn
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(mix, x, weight)
-        return _mix_project_forward(mix, x, weight, bias, branches)
+        y = _mixed_tokens(mix, x, branches)
+        ctx.save_for_backward(mix, x, weight, y if _keep_mixed_tokens(x) else None)
+        return _project(y, weight, bias, mix)
 
     @staticmethod
     def backward(ctx, grad):
-        mix, x, weight = ctx.saved_tensors
+        mix, x, weight, mixed = ctx.saved_tensors
         enabled, dtype = ctx.autocast
         need = ctx.needs_input_grad
         grad_bias = None
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
             grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2], ctx.onednn)
+                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2], ctx.onednn, mixed)
             if need[3]:
                 grad_bias = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1)
         return grad_mix, grad_x, grad_weight, grad_bias, None, None
@@ -342,8 +355,8 @@ def softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torc
 
 
 class _GenerateMixProject(torch.autograd.Function):
-    """Generate + softmax + :class:`_MixProject`, saving only the compressed lines (``d / C`` of a token's
-    size) and ``x``: the mixing matrices, ``2 S N / C`` times the size of the feature map for both branches,
+    """Generate + softmax + :class:`_MixProject`, saving the compressed lines (``d / C`` of a token's size),
+    ``x`` and, on CPU, the mixed tokens (:func:`_keep_mixed_tokens`): the mixing matrices, ``2 S N / C`` times the size of the feature map for both branches,
     are recomputed in backward (one small batched matmul and a softmax) instead of being kept.
 
     ``lines``: ``(K, R, in)``, ``gen_weight``: ``(K, in, out)`` (transposed ``generate.weight``), ``gen_bias``:
@@ -356,12 +369,14 @@ class _GenerateMixProject(torch.autograd.Function):
         ctx.branches, ctx.dims, ctx.onednn = branches, dims, onednn
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight)
-        return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches)
+        mix = softmax_mixing(lines, gen_weight, gen_bias, dims)
+        y = _mixed_tokens(mix, x, branches)
+        ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight, y if _keep_mixed_tokens(x) else None)
+        return _project(y, weight, None, mix)
 
     @staticmethod
     def backward(ctx, grad):
-        lines, gen_weight, gen_bias, x, weight = ctx.saved_tensors
+        lines, gen_weight, gen_bias, x, weight, mixed = ctx.saved_tensors
         enabled, dtype = ctx.autocast
         need = ctx.needs_input_grad
         grad_lines = grad_gen_weight = grad_gen_bias = None
@@ -369,7 +384,7 @@ class _GenerateMixProject(torch.autograd.Function):
             mix = softmax_mixing(lines, gen_weight, gen_bias, ctx.dims)
             need_mix = need[0] or need[1] or need[2]
             grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.onednn)
+                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.onednn, mixed)
             if need_mix:
                 grad_logits = _softmax_backward(grad_mix, mix)
                 grad_logits = grad_logits.view(lines.shape[0], lines.shape[1], -1)
