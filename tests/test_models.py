@@ -656,10 +656,11 @@ class _CountOneDnnLinears(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize('bias', [True, False])
-def test_onednn_linear_gives_f_linear_values_and_gradients(bias):
+def test_onednn_linear_gives_f_linear_values_and_gradients(monkeypatch, bias):
     from dynamixer.models import fused
     if not fused._HAS_ONEDNN_LINEAR:
         pytest.skip('this torch build has no oneDNN linear kernels')
+    monkeypatch.setattr(fused, 'ONEDNN_MIN_MACS', 0)  # these matrices are far too small to be worth it
     x = torch.randn(3, 5, 7, requires_grad=True)
     w = torch.randn(4, 7, requires_grad=True)
     b = torch.randn(4, requires_grad=True) if bias else None
@@ -682,6 +683,8 @@ def test_onednn_linear_gives_f_linear_values_and_gradients(bias):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             fused.linear(x, w, b)
         fused.linear(x.double(), w.double())
+        monkeypatch.setattr(fused, 'ONEDNN_MIN_MACS', x.numel() * w.shape[0] + 1)
+        fused.linear(x, w, b).sum().backward()  # below the size where oneDNN pays: F.linear
     assert counter.calls == 1
 
 
@@ -691,6 +694,7 @@ def test_cpu_fp32_training_runs_its_linears_through_onednn_with_the_reference_gr
     from dynamixer.models.reference import reference_model
     if not fused._HAS_ONEDNN_LINEAR:
         pytest.skip('this torch build has no oneDNN linear kernels')
+    monkeypatch.setattr(fused, 'ONEDNN_MIN_MACS', 0)  # a tiny model's linears are all below the real threshold
     torch.manual_seed(0)
     model = tiny().train()
     ref = reference_model(model)

@@ -184,10 +184,20 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+# Below this many multiply-adds a call, oneDNN's per-call overhead outweighs its speed: the digits model of the
+# main job (1024 x 64 -> 192 and smaller) trained 5 % slower with it, CIFAR-sized layers (16384 x 64 -> 192)
+# broke even; dynamixer_s's linears at 224 x 224 have 113M (3-image inference slices) to 1.8G.
+ONEDNN_MIN_MACS = 1 << 26
+
+
+def _onednn_worth_it(x: torch.Tensor, out_features: int) -> bool:
+    return onednn_fp32(x) and x.numel() * out_features >= ONEDNN_MIN_MACS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN where :func:`onednn_fp32` allows (same values and
-    gradients), through ``F.linear`` everywhere else."""
-    if not onednn_fp32(x):
+    """``F.linear(x, weight, bias)``, through oneDNN where :func:`onednn_fp32` allows and the matmul is large
+    enough (:data:`ONEDNN_MIN_MACS`; same values and gradients), through ``F.linear`` everywhere else."""
+    if not _onednn_worth_it(x, weight.shape[0]):
         return torch.nn.functional.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
@@ -288,7 +298,7 @@ def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x
         c = weight.shape[1] // S
         use_triton = triton_mix.usable(mix, x)
         # grad @ W per branch through oneDNN, written in segment-major order (not under create_graph: no derivative)
-        if onednn and not use_triton and onednn_fp32(grad) and not torch.is_grad_enabled():
+        if onednn and not use_triton and _onednn_worth_it(grad[0], weight.shape[1]) and not torch.is_grad_enabled():
             grad_y = grad.new_empty(K, B, L1, S, N, c)
             for k in range(K):
                 grad_y[k].copy_(_onednn_linear(grad[k], weight[k].t().contiguous()).view(B, L1, N, S, c)
@@ -356,8 +366,9 @@ def softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torc
 
 class _GenerateMixProject(torch.autograd.Function):
     """Generate + softmax + :class:`_MixProject`, saving the compressed lines (``d / C`` of a token's size),
-    ``x`` and, on CPU, the mixed tokens (:func:`_keep_mixed_tokens`): the mixing matrices, ``2 S N / C`` times the size of the feature map for both branches,
-    are recomputed in backward (one small batched matmul and a softmax) instead of being kept.
+    ``x`` and, on CPU, the mixed tokens (:func:`_keep_mixed_tokens`): the mixing matrices, ``2 S N / C`` times
+    the size of the feature map for both branches, are recomputed in backward (one small batched matmul and a
+    softmax) instead of being kept.
 
     ``lines``: ``(K, R, in)``, ``gen_weight``: ``(K, in, out)`` (transposed ``generate.weight``), ``gen_bias``:
     ``(K, 1, out)``, ``dims``: ``(L1, S, N)``; the rest as :class:`_MixProject` (without bias).
