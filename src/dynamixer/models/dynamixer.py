@@ -219,7 +219,7 @@ class DynaMixerTokenMixer(nn.Module):
         else:
             weight = torch.cat([op.compress.weight for op in unique])
             bias = torch.cat([op.compress.bias for op in unique])
-            z = linear(x, weight, bias) if self.onednn_linears else F.linear(x, weight, bias)
+            z = linear(x, weight, bias, self.onednn_linears)
         z = z.unflatten(-1, (len(unique), S, d))  # (B, H, W, ops, S, d)
         lines = [z[..., unique.index(op), :, :] for op in ops]
         lines = [z_.permute(0, 2, 3, 1, 4) if columns else z_.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
@@ -276,9 +276,7 @@ class DynaMixerTokenMixer(nn.Module):
         return outs[0], outs[1], row.proj.bias, col.proj.bias
 
     def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if self.onednn_linears and not _hooked((layer,)):
-            return linear(x, layer.weight, layer.bias)
-        return layer(x)
+        return layer(x) if _hooked((layer,)) else linear(x, layer.weight, layer.bias, self.onednn_linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_drop(self._linear(self.proj, self.fuse_branches(x)))
@@ -290,8 +288,7 @@ class DynaMixerTokenMixer(nn.Module):
         cols = cols.transpose(1, 2)  # (B, H, W, C) view
         if self.reweight is None:
             bias = None if bias_row is None else bias_row + bias_col
-            channel_mix = linear if self.onednn_linears else F.linear
-            x = channel_mix(x, self.channel_mix.weight, bias).add_(rows).add_(cols)
+            x = linear(x, self.channel_mix.weight, bias, self.onednn_linears).add_(rows).add_(cols)
         else:
             chans = self._linear(self.channel_mix, x)
             means = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))

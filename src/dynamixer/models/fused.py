@@ -194,10 +194,11 @@ def _onednn_worth_it(x: torch.Tensor, out_features: int) -> bool:
     return onednn_fp32(x) and x.numel() * out_features >= ONEDNN_MIN_MACS
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN where :func:`onednn_fp32` allows and the matmul is large
-    enough (:data:`ONEDNN_MIN_MACS`; same values and gradients), through ``F.linear`` everywhere else."""
-    if not _onednn_worth_it(x, weight.shape[0]):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           onednn: bool = True) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where ``onednn`` and :func:`onednn_fp32` allow and the matmul
+    is large enough (:data:`ONEDNN_MIN_MACS`; same values and gradients), through ``F.linear`` everywhere else."""
+    if not (onednn and _onednn_worth_it(x, weight.shape[0])):
         return torch.nn.functional.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
