@@ -151,3 +151,17 @@ def test_matmul_peak_is_the_speed_of_a_linear_layer():
     finally:
         torch.set_num_threads(threads)
     assert peak >= 0.3 * 2 * n ** 3 / best / 1e9
+
+
+def test_fp32_cpu_matmul_peak_also_times_the_onednn_linear_the_fast_path_uses(monkeypatch):
+    """Otherwise the fast path's oneDNN linears could run above "100 % of peak"."""
+    from dynamixer.models import fused
+    if not fused._HAS_ONEDNN_LINEAR:
+        pytest.skip('this torch build has no oneDNN linear kernels')
+    shapes = []
+    onednn = fused._onednn_linear
+    monkeypatch.setattr(fused, '_onednn_linear', lambda a, b: shapes.append(tuple(a.shape)) or onednn(a, b))
+    assert bench.matmul_peak_gflops(torch.device('cpu'), 'fp32', size=64, repeats=2) > 0
+    assert shapes == [(64, 64)] * 3  # a warm-up and the timed repeats
+    bench.matmul_peak_gflops(torch.device('cpu'), 'bf16', size=64, repeats=2)
+    assert len(shapes) == 3  # oneDNN's fp32 linear does not stand for other precisions
