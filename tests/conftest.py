@@ -44,3 +44,9 @@ def image_folder(tmp_path: Path) -> Path:
 
 def train_args(output: Path, *extra: str) -> List[str]:
     return ['train', '--output', str(output), '--no-progress', '--workers', '0', *TINY_MODEL, *extra]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Decoded-image caches of the tests go to a temporary folder, never to the user's ~/.cache."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path_factory.mktemp('xdg_cache')))

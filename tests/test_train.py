@@ -16,7 +16,7 @@ from dynamixer import cli
 from dynamixer.data import load_splits, stratified_split
 from dynamixer.train import resolve_settings
 
-TIMING_KEYS = ('img_per_sec', 'epoch_time')
+TIMING_KEYS = ('img_per_sec', 'epoch_time', 'wall_min')
 
 
 def _parse(*argv: str):
@@ -132,7 +132,8 @@ def test_image_folder_with_only_train_and_a_corrupt_jpeg(tmp_path, capsys):
     assert code == 2 and '--val-split' in err  # no val/ and no --val-split: told what to do
 
     code, stdout, err = _cli(capsys, *train_args(out, '--data', str(data.parent), '--val-split', '0.25',
-                                                 '--epochs', '2', '--batch-size', '8', '--workers', '1'))
+                                                 '--epochs', '2', '--batch-size', '8', '--workers', '1',
+                                                 '--data-path', 'files'))
     assert code == 0, err  # (a worker process reads the images: the report crosses processes)
     assert err.count('warning: skipped unreadable image') == 1  # one warning, although the file is met in every epoch it is drawn
     assert 'skipped 1 unreadable image' in err

@@ -19,11 +19,14 @@ import torch.nn.functional as F
 def load_model_dir(path: str, device: str = 'cpu') -> nn.Module:
     """The model in a timm local-dir folder (config.json + model.safetensors), weights loaded, in eval mode.
 
-    A training run's output folder works too (its ``model/`` is used).
+    A training run's output folder works too (its ``model/`` is used), and so does the name of a model whose
+    weights ship with the package (``dynamixer_cifar_xs.cifar10_1h``).
     """
     import timm
     import dynamixer  # noqa: F401  registers the architectures with timm
     folder = Path(path)
+    if not folder.exists() and path in timm.list_pretrained('dynamixer*'):  # weights shipped with the package
+        return timm.create_model(path, pretrained=True).to(device).eval()
     if not (folder / 'config.json').is_file() and (folder / 'model' / 'config.json').is_file():
         folder = folder / 'model'
     if not folder.is_dir():
@@ -124,14 +127,18 @@ def _save_figure(fig, path: str) -> None:
             os.unlink(tmp)
 
 
+MODEL_DIR_HELP = ('model folder written by dynamixer train (OUTPUT/model or OUTPUT), or a model whose weights ship '
+                  'with the package: dynamixer_cifar_xs.cifar10_1h')
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument('--model-dir', required=True, help='model folder written by dynamixer train (OUTPUT/model)')
+    parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
     parser.add_argument('--data', default='digits',
                         help='digits, cifar10, cifar100, or an ImageFolder path (its val/ split is evaluated)')
     parser.add_argument('--data-dir', default='data', help='where cifar10/cifar100 are downloaded')
     parser.add_argument('--val-split', type=float, default=0.,
                         help='for a folder with no val/: the held-out fraction (use the value training used)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the train/val split (as in training)')
+    parser.add_argument('--split-seed', type=int, default=0, help='seed of the --val-split hold-out (as in training)')
     parser.add_argument('--batch-size', type=int, default=256, help='images per batch')
     parser.add_argument('--workers', type=int, default=2, help='data loader worker processes')
     parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -156,7 +163,7 @@ def run(args) -> None:
     device = resolve_device(args.device)
     model = load_model_dir(args.model_dir, device)
     classes = label_names(model)
-    splits = load_splits(args.data, args.data_dir, args.val_split, args.seed, in_chans=model.in_chans)
+    splits = load_splits(args.data, args.data_dir, args.val_split, args.split_seed, in_chans=model.in_chans)
     if splits.classes != classes:
         raise ValueError(f'the data has classes {splits.classes[:5]}... but the model was trained on '
                          f'{classes[:5]}...; evaluate on data with the same class folders.')

@@ -14,7 +14,8 @@ from PIL import Image
 
 def add_arguments(parser) -> None:
     parser.add_argument('images', nargs='+', help='image files to classify')
-    parser.add_argument('--model-dir', required=True, help='model folder written by dynamixer train (OUTPUT/model)')
+    from dynamixer.evaluate import MODEL_DIR_HELP
+    parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
     parser.add_argument('--topk', type=int, default=5, help='how many classes to show per image')
     parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda'")
     parser.add_argument('--json', action='store_true', help='one JSON object per line: file, and top-k '

@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from dynamixer.io import atomic_write, write_text
+
 # The default model for digits (8 x 8 grayscale): 0.38M parameters, 2 x 2 patches (a 1-pixel token carries one
 # number, which LayerNorm reduces to its sign), 4 x 4 tokens throughout, fan-in init (std 0.02 is far too small
 # at 64 channels: training idles for epochs). Measured, seeds 0-3: 97.8-98.9% after 20 epochs (about 50 s).
@@ -55,7 +57,15 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
         opt='sgd', momentum=0.9, lr=0.01, backbone_lr_scale=0.01, weight_decay=5e-4, batch_size=128, epochs=60,
         sched='cosine', warmup_epochs=0, min_lr=0., drop_path=0.1, crop='rrc', hflip=0.5, aa=None, reprob=0.,
         smoothing=0., mixup=0., cutmix=0., color_jitter=0., model_ema=False),
+    # 32 x 32 images in a fixed wall-clock budget on a CPU (docs/cifar10.md): the schedule is fitted to the
+    # budget from a measured step time; bf16 autocast where the CPU has bf16 instructions, compiled.
+    'cifar': lambda model: dict(
+        model='dynamixer_cifar_xs', time_budget=60., epochs=1000, batch_size=128, opt='adamw', lr=2e-3,
+        weight_decay=0.05, sched='cosine', warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.,
+        crop='pad', hflip=0.5, smoothing=0.1, amp='auto', compile=True, data_path='tensor', threads=None),
 }
+# Optimiser steps timed to plan a --time-budget run: from CALIBRATION[0] (compilation done) to CALIBRATION[1].
+CALIBRATION = (5, 25)
 
 NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', '_run', '_explicit'}
 CHECKPOINT = 'checkpoint.pth'
@@ -97,12 +107,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--val-split', type=float, default=0.,
                    help='hold out this stratified fraction of train/ for validation (a folder without val/); '
                         'digits always holds out 20%% unless set')
+    g.add_argument('--split-seed', type=int, default=0,
+                   help='seed of the --val-split hold-out (and --limit-* subsets); kept apart from --seed so that '
+                        'runs of different seeds are measured on the same held-out images')
     g.add_argument('--limit-train', type=int, default=None,
                    help='train on a stratified subset of this many images (quick trials)')
     g.add_argument('--limit-val', type=int, default=None, help='validate on a stratified subset of this many images')
     g.add_argument('--in-chans', type=int, default=None, help='1 (grayscale) or 3; default: 1 for digits, else 3')
     g.add_argument('--img-size', type=int, default=None,
                    help="input size; default: 8 for digits, else the model's (32 for dynamixer_cifar_*, 224 for S/M/L)")
+    g.add_argument('--data-path', default='auto', choices=['auto', 'tensor', 'files'],
+                   help="'tensor': decode the images once into a uint8 tensor cached in --cache-dir and augment "
+                        "whole batches (crop with padding, flip, --cutout); 'files': decode and transform each "
+                        "image every epoch (any augmentation); 'auto': tensor for images <= 64 px with pad/none "
+                        "crops and no --aa/--color-jitter/--reprob, else files")
+    g.add_argument('--cache-dir', default=None,
+                   help='where --data-path tensor keeps decoded folders (default: $XDG_CACHE_HOME/dynamixer or '
+                        '~/.cache/dynamixer); keyed by the files, rebuilt when any image changes')
     g.add_argument('--workers', type=int, default=None, help='data loader processes per rank (default: 0 for '
                                                              'digits, else min(4, CPUs))')
     g = parser.add_argument_group('model')
@@ -130,6 +151,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
     g.add_argument('--sched', default='cosine', help='timm scheduler: cosine, step, plateau, ...')
+    g.add_argument('--time-budget', type=float, default=None, metavar='MIN',
+                   help='finish the whole run (data loading, compilation, training, validation) within MIN '
+                        'minutes: --epochs is set from the step time measured at the start, so the schedule '
+                        'completes; --epochs stays an upper bound')
     g.add_argument('--warmup-epochs', type=float, default=2, help='linear warm-up epochs, from --warmup-lr')
     g.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
     g.add_argument('--min-lr', type=float, default=1e-5, help='final learning rate of the cosine')
@@ -143,6 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                              'else 0.5)')
     g.add_argument('--aa', default=None, help='timm auto-augment policy (rrc), e.g. rand-m9-mstd0.5-inc1')
     g.add_argument('--color-jitter', type=float, default=0., help='colour jitter strength (rrc, without --aa)')
+    g.add_argument('--cutout', type=int, default=0, help='cutout square side in pixels (--data-path tensor)')
     g.add_argument('--reprob', type=float, default=0., help='random erasing probability')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--mixup', type=float, default=0., help='mixup alpha (0: off)')
@@ -151,8 +177,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                       'save the EMA')
     g.add_argument('--model-ema-decay', type=float, default=0.998, help='EMA decay per optimiser step')
     g = parser.add_argument_group('speed and precision')
-    g.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='mixed precision (fp16 uses a '
-                                                                                   'gradient scaler)')
+    g.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16', 'auto'],
+                   help='mixed precision (fp16 uses a gradient scaler); auto: bf16 on a GPU that has it or a CPU '
+                        'with bf16 instructions (AVX512-BF16/AMX), else fp32')
     g.add_argument('--compile', action=boolean, default=False, help='torch.compile the model')
     g.add_argument('--grad-checkpointing', action=boolean, default=False,
                    help='recompute activations in backward to save memory')
@@ -219,26 +246,6 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------------------
 # small helpers
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder and a rename, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, 'w') as f:
-            f.write(text)
-    _atomic_write(path, write)
-
 
 def rng_state() -> Dict[str, Any]:
     """Every global RNG the loop draws from (torch, python, numpy; CUDA when present), as plain data."""
@@ -345,7 +352,7 @@ def save_model_dir(model: nn.Module, folder: Path, classes: List[str]) -> None:
     from dynamixer.convert import save_safetensors
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), folder / 'model.safetensors')
-    _atomic_write(folder / 'config.json', lambda tmp: save_config_for_hf(
+    atomic_write(folder / 'config.json', lambda tmp: save_config_for_hf(
         model, tmp, model_config=dict(label_names=list(classes))))
 
 
@@ -362,7 +369,7 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     ax2.plot(epochs, [h['val_top5'] for h in history], label='val top-5')
     ax2.set_xlabel('epoch'), ax2.set_ylabel('accuracy (%)'), ax2.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
     plt.close(fig)
 
 
@@ -377,6 +384,51 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
             if wd_group['params']:
                 groups.append(dict(wd_group, lr_scale=1. if is_head else backbone_lr_scale))
     return groups
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp`` (None: fp32); ``auto`` picks bf16 only where the hardware runs it fast."""
+    if amp == 'auto':
+        if device.type == 'cuda':
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        bf16_cpu = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if device.type == 'cpu' and bf16_cpu else None
+    return {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+
+
+def plan_epochs(budget_s: float, elapsed_s: float, step_s: float, steps_per_epoch: int, steps_done: int,
+                val_batches: int, max_epochs: int) -> int:
+    """How many epochs fit in what is left of a time budget, given the measured time of one training step
+    (a validation batch is counted as one step, plus a second per epoch for checkpoint and plots)."""
+    epoch_s = (steps_per_epoch + val_batches) * step_s + 1.
+    left = budget_s - elapsed_s - (steps_per_epoch - steps_done + val_batches) * step_s - 1.
+    return int(max(1, min(max_epochs, 1 + math.floor(0.98 * left / epoch_s))))
+
+
+def tensor_loaders(cfg, splits, model: nn.Module, data_config: Dict[str, Any], crop: str, hflip: float,
+                   micro_batch: int, rank: int, world: int, log: Callable):
+    """Train and validation ``TensorLoader``s over the splits decoded once (and cached for image folders)."""
+    from dynamixer.tensor_data import TensorLoader, cache_tensors
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else \
+        Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'dynamixer'
+    tensors = []
+    for name, dataset in (('train', splits.train), ('val', splits.val)):
+        t0 = time.time()
+        split, path, built = cache_tensors(dataset, tuple(model.img_size), cache_dir,
+                                           progress=cfg.progress and rank == 0)
+        if path is not None:
+            log(f'{name} images: {len(split)} decoded into {path} in {time.time() - t0:.1f}s' if built else
+                f'{name} images: {len(split)} from the cache {path} ({time.time() - t0:.1f}s)')
+        for u in split.skipped:
+            print(f'warning: skipped unreadable image {u.path} ({u.reason})', file=sys.stderr)
+        tensors.append(split)
+    mean, std = data_config['mean'], data_config['std']
+    size = min(model.img_size)
+    train = TensorLoader(tensors[0], micro_batch, mean, std, train=True, seed=cfg.seed,
+                         padding=max(1, size // 8) if crop == 'pad' else 0, hflip=hflip, cutout=cfg.cutout,
+                         rank=rank, world=world)
+    val = TensorLoader(tensors[1], micro_batch * 2, mean, std, train=False, rank=rank, world=world)
+    return train, val, len(tensors[0].skipped) + len(tensors[1].skipped)
 
 
 class _Params(nn.Module):
@@ -394,6 +446,7 @@ class _Params(nn.Module):
 # the run
 
 def run(args: argparse.Namespace) -> None:
+    t_start = time.time()  # a --time-budget counts from here: data loading and compilation included
     cfg = resolve_settings(args)
     out = Path(cfg.output)
 
@@ -411,13 +464,14 @@ def run(args: argparse.Namespace) -> None:
         rank, world, device = 0, 1, resolve_device(cfg.device)
     master = rank == 0
     try:
-        _train(cfg, out, rank, world, device, ddp, master)
+        _train(cfg, out, rank, world, device, ddp, master, t_start)
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: bool, master: bool) -> None:
+def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: bool, master: bool,
+           t_start: float) -> None:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -437,7 +491,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
 
     # -- data and model
-    splits = load_splits(cfg.data, cfg.data_dir, cfg.val_split, cfg.seed, cfg.in_chans, cfg.limit_train,
+    splits = load_splits(cfg.data, cfg.data_dir, cfg.val_split, cfg.split_seed, cfg.in_chans, cfg.limit_train,
                          cfg.limit_val)
     classes = splits.classes
     img_size = cfg.img_size or (splits.native_size if cfg.data == 'digits' else None)
@@ -446,6 +500,15 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     data_config = set_data_cfg(model, classes, splits.in_chans, small)
     crop = cfg.crop if cfg.crop != 'auto' else ('none' if cfg.data == 'digits' else 'pad' if small else 'rrc')
     hflip = cfg.hflip if cfg.hflip is not None else (0. if cfg.data == 'digits' else 0.5)
+    file_only = [flag for flag, on in (('--aa', cfg.aa), ('--color-jitter', cfg.color_jitter),
+                                       ('--reprob', cfg.reprob), ('--crop rrc', crop == 'rrc')) if on]
+    use_tensors = cfg.data_path == 'tensor' or (cfg.data_path == 'auto' and small and cfg.data != 'digits'
+                                                and not file_only)
+    if use_tensors and file_only:
+        raise ValueError(f'--data-path tensor augments with crop, flip and cutout only; {", ".join(file_only)} '
+                         f'need --data-path files.')
+    if cfg.cutout and not use_tensors:
+        raise ValueError('--cutout needs --data-path tensor (images <= 64 px).')
     splits.train.transform = train_transform(data_config, crop, cfg.scale, hflip, cfg.aa, cfg.color_jitter,
                                              cfg.reprob)
     splits.val.transform = eval_transform(data_config)
@@ -464,23 +527,37 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     if steps_per_epoch < 1:
         raise ValueError(f'{len(splits.train)} training images are fewer than one batch of {cfg.batch_size}; '
                          f'use a smaller --batch-size.')
-    sampler = EpochSampler(splits.train, world, rank, cfg.seed, steps_per_epoch * cfg.accum_steps * micro_batch)
-    workers = cfg.workers if cfg.workers is not None else (0 if cfg.data == 'digits' else min(4, os.cpu_count() or 1))
     loader_rng = torch.Generator()  # the loader's own RNG, so it never draws from the checkpointed global one
-    loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, num_workers=workers,
-                        collate_fn=collate, generator=loader_rng, pin_memory=device.type == 'cuda',
-                        drop_last=True)
-    val_set = Subset(splits.val, range(rank, len(splits.val), world))  # no padding: exact metrics over ranks
-    val_loader = DataLoader(val_set, batch_size=micro_batch * 2, num_workers=workers, collate_fn=collate)
+    n_skipped = 0
+    if use_tensors:
+        loader, val_loader, n_skipped = tensor_loaders(cfg, splits, model, data_config, crop, hflip, micro_batch,
+                                                       rank, world, log)
+        steps_per_epoch = len(loader) // cfg.accum_steps
+        sampler = loader
+    else:
+        sampler = EpochSampler(splits.train, world, rank, cfg.seed,
+                               steps_per_epoch * cfg.accum_steps * micro_batch)
+        workers = cfg.workers if cfg.workers is not None else (0 if cfg.data == 'digits' else
+                                                               min(4, os.cpu_count() or 1))
+        loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, num_workers=workers,
+                            collate_fn=collate, generator=loader_rng, pin_memory=device.type == 'cuda',
+                            drop_last=True)
+        val_set = Subset(splits.val, range(rank, len(splits.val), world))  # no padding: exact metrics over ranks
+        val_loader = DataLoader(val_set, batch_size=micro_batch * 2, num_workers=workers, collate_fn=collate)
 
     # -- optimisation
     optimizer = create_optimizer_v2(param_groups(raw_model, cfg.weight_decay, cfg.backbone_lr_scale), opt=cfg.opt,
                                     lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, min_lr=cfg.min_lr,
-                                       warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+
+    def make_scheduler(epochs: int):  # the warm-up does not depend on epochs, so a budget can set them later
+        return create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=epochs, min_lr=cfg.min_lr,
+                                   warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                   step_on_epochs=False, updates_per_epoch=steps_per_epoch)[0]
+    scheduler = make_scheduler(cfg.epochs)
     ema = ModelEmaV3(raw_model, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    amp_dtype = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.amp]
+    amp_dtype = resolve_amp(cfg.amp, device)
+    if cfg.amp == 'auto':
+        log(f'--amp auto: {"bf16 autocast" if amp_dtype else "fp32 (no fast bf16 on this " + device.type + ")"}')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     if cfg.amp == 'fp16' and device.type == 'cpu':  # measured: docs/benchmarks.md, bf16 autocast and torch.compile
         log('note: --amp fp16 on CPU is slow (most CPUs lack fp16 matmul instructions and torch falls back to a '
@@ -497,6 +574,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
 
     # -- where we are: a fresh start, or the checkpoint of a killed run
     start_epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1., []
+    planned = not cfg.time_budget  # a budgeted run plans its epochs once, from the first steps' speed
     running = dict(loss_sum=0., samples=0)
     ckpt_path = out / CHECKPOINT
     if cfg.resume:
@@ -514,6 +592,9 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         scheduler.load_state_dict(ckpt['scheduler'])
         scaler.load_state_dict(ckpt['scaler'])
         start_epoch, step_in_epoch, global_step = ckpt['epoch'], ckpt['step_in_epoch'], ckpt['global_step']
+        planned = planned or ckpt.get('planned', False)
+        if cfg.time_budget and planned:  # the budget was spent on the interrupted run's plan
+            scheduler = make_scheduler(cfg.epochs)
         best_top1, history, running = ckpt['best_top1'], list(ckpt['history']), dict(ckpt['running'])
         if master:
             set_rng_state(ckpt['rng'])
@@ -525,7 +606,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     if master:
         import yaml
         settings = {k: v for k, v in vars(cfg).items() if k != 'resume'}
-        _write_text(out / 'args.yaml', yaml.safe_dump(settings, sort_keys=False))
+        write_text(out / 'args.yaml', yaml.safe_dump(settings, sort_keys=False))
 
     if cfg.compile:
         model = torch.compile(model)
@@ -538,8 +619,9 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                      ema=ema.module.state_dict() if ema is not None else None,
                      epoch=epoch, step_in_epoch=step, global_step=global_step, best_top1=best_top1,
-                     history=history, running=running, rng=rng_state(), settings=json.dumps(vars(cfg)))
-        _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+                     history=history, running=running, rng=rng_state(), settings=json.dumps(vars(cfg)),
+                     planned=planned)
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     fault_step = int(os.environ.get('DYNAMIXER_FAULT_NAN_AT_STEP', -1))  # test hook: inject a NaN loss
     warned = set()
@@ -549,16 +631,36 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         f'{world} process(es) on {device.type}, batch {cfg.batch_size} '
         f'({micro_batch} x {world} x {cfg.accum_steps}), {steps_per_epoch} steps/epoch')
 
-    for epoch in range(start_epoch, cfg.epochs):
+    def set_epochs(epochs: int) -> None:
+        """A new schedule length, the same on every rank (rank 0's timing decides), saved for --resume."""
+        nonlocal scheduler
+        if ddp:
+            agreed = torch.tensor(epochs, device=device)
+            dist.broadcast(agreed, 0)
+            epochs = int(agreed.item())
+        cfg.epochs, scheduler = epochs, make_scheduler(epochs)
+        if master:
+            import yaml
+            write_text(out / 'args.yaml', yaml.safe_dump(
+                {k: v for k, v in vars(cfg).items() if k != 'resume'}, sort_keys=False))
+
+    calibration = (min(CALIBRATION[0], steps_per_epoch - 1), min(CALIBRATION[1], steps_per_epoch))
+    t_calibration = time.time()
+    epoch = start_epoch
+    while epoch < cfg.epochs:
         # -- train one epoch
-        sampler.set_epoch(epoch)
-        sampler.start = step_in_epoch * cfg.accum_steps * micro_batch
+        if use_tensors:
+            loader.set_epoch(epoch, step_in_epoch * cfg.accum_steps)
+        else:
+            sampler.set_epoch(epoch)
+            sampler.start = step_in_epoch * cfg.accum_steps * micro_batch
         splits.train.epoch = epoch
         loader_rng.manual_seed(cfg.seed * 100003 + epoch)
         if step_in_epoch == 0:
             running = dict(loss_sum=0., samples=0)
         model.train()
-        t0, seen_now = time.time(), 0
+        t0 = time.time()
+        seen_now = 0
         bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f'epoch {epoch + 1}/{cfg.epochs}',
                    disable=not (master and cfg.progress), unit='step', dynamic_ncols=True, leave=False)
         micro = 0
@@ -608,6 +710,17 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
             step_in_epoch += 1
             if ema is not None:
                 ema.update(raw_model, step=global_step)
+            if not planned and step_in_epoch == calibration[0]:
+                t_calibration = time.time()
+            if not planned and step_in_epoch == calibration[1]:
+                step_s = (time.time() - t_calibration) / (calibration[1] - calibration[0])
+                set_epochs(plan_epochs(cfg.time_budget * 60, time.time() - t_start, step_s, steps_per_epoch,
+                                       step_in_epoch, len(val_loader), cfg.epochs))
+                planned = True
+                bar.set_description(f'epoch {epoch + 1}/{cfg.epochs}')
+                if master:
+                    tqdm.write(f'time budget {cfg.time_budget:g} min: {step_s * 1000:.0f} ms a step, '
+                               f'{time.time() - t_start:.0f}s spent, so {cfg.epochs} epochs')
             bar.update(1)
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2e}')
             if (master and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0
@@ -629,7 +742,8 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         val = summarize(sums)
         record = dict(epoch=epoch + 1, train_loss=stats[0].item() / max(stats[1].item(), 1), val_loss=val['loss'],
                       val_top1=val['top1'], val_top5=val['top5'], val_images=val['count'], lr=optimizer.param_groups[-1]['lr'],
-                      img_per_sec=stats[2].item() / max(train_time, 1e-9), epoch_time=train_time)
+                      img_per_sec=stats[2].item() / max(train_time, 1e-9), epoch_time=train_time,
+                      wall_min=(time.time() - t_start) / 60)
         history.append(record)
         log(f'epoch {epoch + 1}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}  val_loss {val["loss"]:.4f}  '
             f'val_top1 {val["top1"]:.2f}%  val_top5 {val["top5"]:.2f}%  lr {record["lr"]:.2e}  '
@@ -639,18 +753,27 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
             if val['top1'] > best_top1:
                 best_top1 = val['top1']
                 save_model_dir(ema.module if ema is not None else raw_model, out / 'model', classes)
-            _write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in history))
+            write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in history))
             plot_curves(history, out / 'curves.png')
             save_checkpoint(epoch + 1, 0)
+        epoch += 1
+        if cfg.time_budget and not cfg.resume and epoch < cfg.epochs:  # slower than planned: shorten, still finish
+            epoch_s = time.time() - t0
+            fits = epoch + int((cfg.time_budget * 60 - (time.time() - t_start)) // epoch_s)
+            if fits < cfg.epochs:
+                log(f'time budget: epochs take {epoch_s:.0f}s, more than planned; the schedule now ends after '
+                    f'epoch {max(fits, epoch)}')
+                set_epochs(max(fits, epoch))
 
     if ddp:
         dist.barrier()  # rank 0 has written everything before anyone reports done
     hash_dir = os.environ.get('DYNAMIXER_WEIGHTS_HASH_DIR')  # test hook: proves ranks hold the same weights
     if hash_dir:
-        _write_text(Path(hash_dir) / f'rank{rank}.txt', weights_hash(raw_model))
+        write_text(Path(hash_dir) / f'rank{rank}.txt', weights_hash(raw_model))
     n_bad = torch.tensor(float(len(warned)), device=device)
     if ddp:
         dist.all_reduce(n_bad)
+    n_bad += n_skipped
     if n_bad.item():
         log(f'skipped {int(n_bad.item())} unreadable image(s) in all', file=sys.stderr)
     if history:

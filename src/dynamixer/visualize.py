@@ -219,9 +219,8 @@ def visualize(model_dir: str, image_path: str, block: str = '0.0', token: Option
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('image', help='image file to run through the model')
-    parser.add_argument('--model-dir', required=True,
-                        help='trained model folder (timm local-dir: config.json + model.safetensors), '
-                             'e.g. RUN/model, or the run directory itself')
+    from dynamixer.evaluate import MODEL_DIR_HELP
+    parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
     parser.add_argument('--block', default='0.0', help='STAGE.BLOCK, 0-based')
     parser.add_argument('--token', default=None,
                         help="ROW,COL on the block's token grid (default: the centre token)")

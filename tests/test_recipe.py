@@ -1,0 +1,101 @@
+"""The one-hour CIFAR recipe: its settings, the time budget, and the weights that ship with the package."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import dynamixer
+from conftest import TINY_MODEL, make_image_folder
+from dynamixer import cli
+from dynamixer.models.dynamixer import CIFAR10_CLASSES
+from dynamixer.train import plan_epochs, resolve_settings
+
+SHIPPED = 'dynamixer_cifar_xs.cifar10_1h'
+
+
+def test_cifar_recipe_settings_and_flags_win():
+    parser = cli._module_parser('train')
+    cfg = resolve_settings(parser.parse_args(['--recipe', 'cifar']))
+    assert (cfg.model, cfg.time_budget, cfg.compile, cfg.amp, cfg.data_path) == (
+        'dynamixer_cifar_xs', 60., True, 'auto', 'tensor')
+    cfg = resolve_settings(parser.parse_args(['--recipe', 'cifar', '--time-budget', '5', '--amp', 'none']))
+    assert (cfg.time_budget, cfg.amp) == (5., 'none')
+
+
+def test_plan_epochs_fits_the_budget():
+    # 10 steps an epoch of 1 s, 2 validation batches, 5 steps done after 10 s of a 100 s budget
+    assert plan_epochs(100, 10, 1., 10, 5, 2, 1000) == 7  # 1 + floor(0.98 * (100 - 10 - 7 - 1) / 13)
+    assert plan_epochs(100, 10, 1., 10, 5, 2, 4) == 4  # --epochs caps it
+    assert plan_epochs(10, 9, 1., 10, 5, 2, 1000) == 1  # never less than the epoch under way
+    more = [plan_epochs(b, 10, 1., 10, 5, 2, 1000) for b in (100, 200, 400)]
+    assert more == sorted(more) and more[0] < more[-1]
+
+
+def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data' / 'train', per_class=16, size=8)
+    out = tmp_path / 'run'
+    budget_min = 0.25
+    t0 = time.time()
+    code = cli.main(['train', '--data', str(data.parent), '--val-split', '0.25', '--output', str(out),
+                     '--no-progress', *TINY_MODEL, '--img-size', '8', '--batch-size', '4', '--time-budget', str(budget_min),
+                     '--epochs', '1000', '--warmup-epochs', '1', '--lr', '2e-3', '--min-lr', '1e-5'])
+    elapsed = time.time() - t0
+    err = capsys.readouterr()
+    assert code == 0, err.err
+    assert 'time budget 0.25 min' in err.out
+    history = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    planned = yaml.safe_load((out / 'args.yaml').read_text())['epochs']
+    assert len(history) == planned >= 3  # the plan is saved (for --resume) and was carried out
+    assert elapsed <= budget_min * 60 + 3, elapsed  # on time (a little slack for the interpreter's exit)
+    assert elapsed >= budget_min * 60 * 0.4, elapsed  # and the budget was used, not wasted
+    assert history[-1]['lr'] < 0.05 * 2e-3  # the cosine ran to its end
+    assert history[-1]['wall_min'] <= budget_min
+
+
+def test_shipped_weights_load_offline_and_predict(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    model = timm.create_model(SHIPPED, pretrained=True).eval()
+    weights_file = Path(model.pretrained_cfg['file'])
+    assert weights_file.is_file() and weights_file.stat().st_size <= 10 * 2 ** 20
+    stored = load_file(weights_file)
+    for name, tensor in model.state_dict().items():
+        if name in stored:
+            assert torch.equal(tensor, stored[name].to(tensor.dtype)), name
+    assert set(stored) <= set(model.state_dict()) and len(stored) > 50
+    assert tuple(model.pretrained_cfg['label_names']) == CIFAR10_CLASSES
+    fresh = timm.create_model(SHIPPED, pretrained=False)
+    assert not torch.equal(fresh.head.weight, model.head.weight)
+
+    # a plain image through the CLI: ten classes, probabilities that sum to one
+    image = tmp_path / 'sky.png'
+    pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+    pixels[..., 2], pixels[24:, :, 1] = 220, 120
+    Image.fromarray(pixels).save(image)
+    assert cli.main(['predict', '--model', SHIPPED, '--topk', '10', '--json', str(image)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(t['label'] for t in result['top']) == sorted(CIFAR10_CLASSES)
+    assert abs(sum(t['prob'] for t in result['top']) - 1) < 1e-4
+
+
+def test_wrong_weights_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / 'nothing.safetensors'
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        timm.create_model(SHIPPED, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+    garbage = tmp_path / 'garbage.safetensors'
+    garbage.write_bytes(b'\x00' * 64)
+    with pytest.raises(ValueError, match='garbage.safetensors'):
+        timm.create_model(SHIPPED, pretrained=True, pretrained_cfg_overlay=dict(file=str(garbage)))
+    other = tmp_path / 'other.safetensors'
+    save_file(timm.create_model('dynamixer_cifar_t').state_dict(), other)
+    with pytest.raises(ValueError) as info:
+        timm.create_model(SHIPPED, pretrained=True, pretrained_cfg_overlay=dict(file=str(other)))
+    assert '\n' not in str(info.value)
+    with pytest.raises(ValueError, match='no pretrained weights'):
+        timm.create_model('dynamixer_cifar_t', pretrained=True)
