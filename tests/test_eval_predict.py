@@ -90,3 +90,18 @@ def test_bad_inputs_are_one_line_errors(trained, capsys, tmp_path):
     ]:
         code, _, err = _cli(capsys, *argv)
         assert code == 2 and expect in err and 'Traceback' not in err and err.strip().count('\n') == 0, err
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
+    from dynamixer.evaluate import evaluate, summarize
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    images, targets = torch.randn(64, 3, 4, 4), torch.randint(0, 5, (64,))
+    loader = [(images[:40], targets[:40], []), (images[40:], targets[40:], [])]
+    plain = summarize(evaluate(model, loader, torch.device('cpu'), 5))
+    tta = summarize(evaluate(model, loader, torch.device('cpu'), 5, tta_flip=True))
+    with torch.no_grad():
+        logits = (model(images) + model(images.flip(-1))) / 2
+    assert tta['top1'] == pytest.approx((logits.argmax(1) == targets).float().mean().item() * 100)
+    assert tta['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert tta['loss'] != pytest.approx(plain['loss'], rel=1e-3)  # the mirror really was looked at

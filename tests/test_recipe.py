@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import dynamixer
+import dynamixer  # noqa: F401  registers the variants
 from conftest import TINY_MODEL, make_image_folder
 from dynamixer import cli
 from dynamixer.models.dynamixer import CIFAR10_CLASSES
@@ -70,6 +70,8 @@ def test_shipped_weights_load_offline_and_predict(tmp_path, monkeypatch, capsys)
             assert torch.equal(tensor, stored[name].to(tensor.dtype)), name
     assert set(stored) <= set(model.state_dict()) and len(stored) > 50
     assert tuple(model.pretrained_cfg['label_names']) == CIFAR10_CLASSES
+    untagged = timm.create_model('dynamixer_cifar_xs', pretrained=True)  # timm: the tag with weights is the default
+    assert torch.equal(untagged.head.weight, model.head.weight)
     fresh = timm.create_model(SHIPPED, pretrained=False)
     assert not torch.equal(fresh.head.weight, model.head.weight)
 
@@ -99,3 +101,5 @@ def test_wrong_weights_file_is_a_clear_error(tmp_path):
     assert '\n' not in str(info.value)
     with pytest.raises(ValueError, match='no pretrained weights'):
         timm.create_model('dynamixer_cifar_t', pretrained=True)
+    with pytest.raises(ValueError, match='no pretrained weights'):
+        timm.create_model('dynamixer_cifar_xs.untrained', pretrained=True)

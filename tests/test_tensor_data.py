@@ -116,6 +116,9 @@ def test_loader_batches_are_reproducible_normalised_and_resumable():
     assert sorted(torch.cat([t[1] for t in batches]).tolist()) == sorted(split.targets.tolist())
     a.set_epoch(1)
     assert not torch.equal(next(iter(a))[0], batches[0][0])  # another epoch, another order
+    # the same images, augmented the same way, whatever the batch size (gradient accumulation)
+    halves = TensorLoader(split, 4, mean, std, train=True, seed=0, padding=2, cutout=3)
+    assert torch.equal(torch.cat([x for x, _, _ in halves]), torch.cat([t[0] for t in batches]))
     # resuming at batch 3 of epoch 1 gives the batches an uninterrupted epoch 1 gives from there
     whole = list(a)
     a.set_epoch(1, start=3)

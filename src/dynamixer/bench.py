@@ -120,7 +120,8 @@ def build_models(name: str, img_size: int, model_args: Dict[str, Any], device: t
     from dynamixer.models.reference import reference_model
     torch.manual_seed(seed)
     kwargs = dict(model_args)
-    kwargs.setdefault('img_size', img_size)
+    if img_size:
+        kwargs.setdefault('img_size', img_size)
     fast = timm.create_model(name, **kwargs).to(device)
     models = {}
     for impl in implementations:
@@ -293,18 +294,20 @@ def _summary(times: List[float], batch: int, flops_per_step: float, peak: float)
 
 
 def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size: Optional[int] = None,
-              img_size: int = 224, precision: str = 'fp32', device: str = 'cpu', compile: bool = False,
+              img_size: Optional[int] = None, precision: str = 'fp32', device: str = 'cpu', compile: bool = False,
               warmup: int = 2, iters: int = 5, threads: Optional[int] = None,
               modes: Sequence[str] = ('inference', 'train'), memory: bool = True, reference: bool = True,
               model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True,
               recompute_mixing: Optional[bool] = None, slicing: bool = True, fusion: bool = True,
-              triton: bool = True, onednn: bool = True) -> Dict[str, Any]:
+              triton: bool = True, onednn: bool = True, baseline_fp32_eager: bool = False) -> Dict[str, Any]:
     """Fast vs reference, as a JSON-able dict (see the module docstring). ``recompute_mixing`` sets
     ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default); ``slicing=False``
     turns off the fast path's CPU inference slicing (``CPU_INFERENCE_SLICE_BYTES = 0``) and ``fusion=False``
     its fused oneDNN linears in CPU inference (``MixerLayer.cpu_fused_inference = False``), ``onednn=False`` its
     plain oneDNN linears on CPU in fp32 (``onednn_linears = False`` on ``MixerLayer`` and
-    ``DynaMixerTokenMixer``), ``triton=False`` its Triton mixing kernel on CUDA (``triton_mix.ENABLED = False``)."""
+    ``DynaMixerTokenMixer``), ``triton=False`` its Triton mixing kernel on CUDA (``triton_mix.ENABLED = False``).
+    ``baseline_fp32_eager`` runs the reference in fp32 eager whatever ``precision`` and ``compile`` say, so that
+    the speed-up is that of a whole recipe (e.g. bf16 + compile) over the plain model."""
     from dynamixer.models import dynamixer as dm, triton_mix
     _configure_fast_path(recompute_mixing, slicing, fusion, triton, onednn)
     if precision not in PRECISIONS:
@@ -326,13 +329,18 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
     _log(f'building {model} at {img_size} ({", ".join(impls)})', quiet)
     models = build_models(model, img_size, model_args, dev, impls, seed)
     fast = models['fast']
+    img_size = img_size or list(fast.img_size)
     input_size = (3, *_pair(img_size))
+
+    def setting(impl: str):  # (precision, compile) of one implementation
+        return ('fp32', False) if baseline_fp32_eager and impl == 'reference' else (precision, compile)
     macs = count_macs(fast, input_size)
     result = {
         'machine': machine_info(dev),
         'config': {'model': model, 'batch_size': batch_size, 'train_batch_size': train_batch_size,
                    'img_size': img_size, 'precision': precision, 'device': device, 'compile': compile,
                    'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed,
+                   'baseline_fp32_eager': baseline_fp32_eager,
                    'recompute_mixing': dm.RECOMPUTE_MIXING, 'inference_slice_bytes': dm.CPU_INFERENCE_SLICE_BYTES,
                    'cpu_fused_inference': dm.MixerLayer.cpu_fused_inference,
                    'onednn_linears': dm.MixerLayer.onednn_linears and dm.DynaMixerTokenMixer.onednn_linears,
@@ -349,7 +357,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
     for mode in modes:
         batch = batch_size if mode == 'inference' else train_batch_size
         x = torch.randn(batch, *input_size, device=dev)
-        runners = {impl: _Runner(m, mode, x, precision, compile) for impl, m in models.items()}
+        runners = {impl: _Runner(m, mode, x, *setting(impl)) for impl, m in models.items()}
         label = f'{mode} b{batch}'
         start = time.perf_counter()
         times = time_interleaved(runners, warmup, iters, quiet, label)
@@ -363,8 +371,8 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
             for impl in impls:
                 _log(f'{label} peak memory {impl}', quiet)
                 mem = peak_memory(dict(model=model, img_size=img_size, model_args=model_args, device=device,
-                                       impl=impl, batch_size=batch, mode=mode, precision=precision,
-                                       compile=compile, threads=torch.get_num_threads(), seed=seed,
+                                       impl=impl, batch_size=batch, mode=mode, precision=setting(impl)[0],
+                                       compile=setting(impl)[1], threads=torch.get_num_threads(), seed=seed,
                                        recompute_mixing=dm.RECOMPUTE_MIXING, slicing=slicing,
                                        fusion=fusion, triton=triton, onednn=onednn))
                 entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
@@ -427,7 +435,8 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{', inference batches whole' if cfg.get('inference_slice_bytes') == 0 else ''}"
              f"{', no fused linears' if cfg.get('cpu_fused_inference') is False else ''}"
              f"{', no oneDNN linears' if cfg.get('onednn_linears') is False else ''}"
-             f"{', no Triton kernel' if cfg.get('triton_mix') is False and cfg['device'].startswith('cuda') else ''}",
+             f"{', no Triton kernel' if cfg.get('triton_mix') is False and cfg['device'].startswith('cuda') else ''}"
+             f"{'; the reference in fp32 eager' if cfg.get('baseline_fp32_eager') else ''}",
              f"{machine['cpu']}; params {result['params']:,}; {result['gmacs']:.3f} GMACs/img; "
              f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
     if 'graph_breaks' in result:
@@ -476,7 +485,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='dynamixer_s', help='variant name')
     parser.add_argument('--batch-size', type=int, default=32, help='inference batch size')
     parser.add_argument('--train-batch-size', type=int, default=None, help='training batch size (default: --batch-size)')
-    parser.add_argument('--img-size', type=int, default=224, help='input size (square)')
+    parser.add_argument('--img-size', type=int, default=None, help="input size (square; default: the model's, "
+                                                                   "e.g. 224 for S/M/L, 32 for the cifar variants)")
     parser.add_argument('--precision', choices=list(PRECISIONS), default='fp32',
                         help='fp32, or bf16 / fp16 autocast')
     parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
@@ -505,6 +515,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-triton', action='store_true',
                         help='on CUDA, mix with torch ops instead of the fast path\'s Triton kernel '
                              '(triton_mix.ENABLED=False)')
+    parser.add_argument('--baseline-fp32-eager', action='store_true',
+                        help='run the reference in fp32 eager whatever --precision and --compile say: the speed-up '
+                             'of a whole training recipe (e.g. --precision bf16 --compile) over the plain model')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--output', default=None, help='also write the JSON to this file')
@@ -517,7 +530,7 @@ def run(args) -> int:
     except json.JSONDecodeError as e:
         raise ValueError(f'--model-args is not valid JSON ({e}); give e.g. \'{{"depths": [1, 1, 1, 1]}}\'.')
     if args.sweep:
-        result = resolution_sweep(args.model, args.sweep, args.img_size, args.batch_size, args.precision,
+        result = resolution_sweep(args.model, args.sweep, args.img_size or 224, args.batch_size, args.precision,
                                   args.device, args.warmup, args.iters, args.threads, model_args, args.seed,
                                   args.quiet)
         table = format_sweep(result)
@@ -527,13 +540,13 @@ def run(args) -> int:
                            [m.strip() for m in args.modes.split(',') if m.strip()], not args.no_memory,
                            not args.no_reference, model_args, args.seed, args.quiet,
                            recompute_mixing=False if args.keep_mixing else None, slicing=not args.no_slicing,
-                           fusion=not args.no_fusion, triton=not args.no_triton, onednn=not args.no_onednn)
+                           fusion=not args.no_fusion, triton=not args.no_triton, onednn=not args.no_onednn,
+                           baseline_fp32_eager=args.baseline_fp32_eager)
         table = format_table(result)
     if args.output:
-        tmp = f'{args.output}.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.output)
+        from pathlib import Path
+        from dynamixer.io import write_text
+        write_text(Path(args.output), json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.json else table)
     return 0
 

@@ -8,13 +8,13 @@ so a model trained at one resolution is resampled to another by interpolating th
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from dynamixer.io import atomic_write
 from dynamixer.models.dynamixer import DynaMixer, DynaMixerOp
 
 __all__ = [
@@ -239,16 +239,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Union[str, Pa
                      metadata: Optional[Dict[str, str]] = None) -> None:
     """Write tensors atomically: a temporary file in the same folder, then a rename."""
     from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def verify_official_reference(path: Union[str, Path]) -> float:
@@ -277,6 +269,8 @@ def add_arguments(parser) -> None:
     parser.add_argument('--verify', action='store_true',
                         help='treat INPUT as an official test vector (weights, input, logits, config) and '
                              'report how far our model\'s logits are from the official ones; exit 1 above 1e-5')
+    parser.add_argument('--fp16', action='store_true',
+                        help='store floating-point tensors as fp16 (half the file; they load back into fp32 models)')
 
 
 def run(args) -> int:
@@ -289,6 +283,8 @@ def run(args) -> int:
     if not str(args.output).endswith('.safetensors'):
         raise ValueError(f'the output {args.output!r} should end in .safetensors; give a .safetensors path.')
     state = convert_official_state_dict(load_state_dict_file(args.input))
+    if args.fp16:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_safetensors(state, args.output, metadata={'converted_from': os.path.basename(args.input)})
     print(f'wrote {len(state)} tensors to {args.output}')
     return 0

@@ -7,7 +7,6 @@ the model's own data config says. ``evaluate()`` is also the validation loop of 
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -49,9 +48,10 @@ def label_names(model: nn.Module) -> List[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int,
-             amp_dtype: Optional[torch.dtype] = None, progress: bool = False) -> Dict[str, Any]:
+             amp_dtype: Optional[torch.dtype] = None, progress: bool = False, tta_flip: bool = False) -> Dict[str, Any]:
     """Sums of loss, top-1/top-5 hits and the confusion matrix over ``loader`` (not yet averaged, so that
-    ranks can add theirs up), plus the unreadable images met on the way."""
+    ranks can add theirs up), plus the unreadable images met on the way. ``tta_flip`` averages the logits of
+    each image and its mirror image (test-time augmentation)."""
     from tqdm import tqdm
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -66,6 +66,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int,
         images, targets = images.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
+            if tta_flip:
+                logits = (logits.float() + model(images.flip(-1)).float()) / 2
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, targets, reduction='sum').double()
         top = logits.topk(k, dim=1).indices
@@ -115,16 +117,8 @@ def save_confusion_png(confusion: torch.Tensor, classes: Sequence[str], path: st
 
 
 def _save_figure(fig, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.fig.', suffix='.png')
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format='png', dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from dynamixer.io import atomic_write
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format='png', dpi=100))
 
 
 MODEL_DIR_HELP = ('model folder written by dynamixer train (OUTPUT/model or OUTPUT), or a model whose weights ship '
@@ -144,6 +138,8 @@ def add_arguments(parser) -> None:
     parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument('--confusion', default=None,
                         help='where to write the confusion-matrix PNG (default: MODEL_DIR/../confusion.png)')
+    parser.add_argument('--tta-flip', action='store_true',
+                        help='average the logits of each image and its mirror image (test-time augmentation)')
     parser.add_argument('--json', action='store_true', help='print the metrics as one JSON object')
 
 
@@ -170,12 +166,12 @@ def run(args) -> None:
     val = splits.val
     val.transform = eval_transform(resolve_data_config(model=model))
     loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
-    sums = evaluate(model, loader, device, len(classes), progress=sys.stderr.isatty())
+    sums = evaluate(model, loader, device, len(classes), progress=sys.stderr.isatty(), tta_flip=args.tta_flip)
     metrics = summarize(sums)
     png = args.confusion or os.path.join(os.path.dirname(os.path.abspath(args.model_dir)), 'confusion.png')
     save_confusion_png(sums['confusion'], classes, png,
                        title=f'{splits.name} val: top-1 {metrics["top1"]:.2f}%')
-    metrics.update(confusion_png=png, unreadable=len(sums['unreadable']))
+    metrics.update(confusion_png=png, unreadable=len(sums['unreadable']), tta_flip=args.tta_flip)
     for u in sums['unreadable']:
         print(f'warning: skipped unreadable image {u.path} ({u.reason})', file=sys.stderr)
     if args.json:
@@ -183,7 +179,7 @@ def run(args) -> None:
         print(json.dumps(metrics))
         return
     print(f'{splits.name} val: {metrics["count"]} images  top-1 {metrics["top1"]:.2f}%  '
-          f'top-5 {metrics["top5"]:.2f}%  loss {metrics["loss"]:.4f}')
+          f'top-5 {metrics["top5"]:.2f}%  loss {metrics["loss"]:.4f}{"  (flip TTA)" if args.tta_flip else ""}')
     print('per-class top-1:')
     width = max(len(c) for c in classes)
     for c, acc in zip(classes, metrics['per_class']):

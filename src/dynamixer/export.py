@@ -13,8 +13,6 @@ size only (any batch); export once per input size you need.
 """
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from dynamixer.evaluate import load_model_dir
+from dynamixer.io import atomic_write
 
 FORMATS = ('onnx', 'torchscript', 'exported-program')
 
@@ -34,13 +33,6 @@ def _input_size(model: nn.Module, img_size: Optional[Tuple[int, int]]) -> Tuple[
                              f'drop --img-size or export a model built with dynamic_img_size=True.')
         return (model.in_chans, *img_size)
     return (model.in_chans, *model.img_size)
-
-
-def _atomic_target(out: Path, suffix: str) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', suffix=f'.tmp{suffix}', dir=out.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -70,26 +62,26 @@ def export_model(model: nn.Module, out: str, fmt: str = 'onnx', img_size: Option
     example = torch.randn(2, *input_size, generator=generator)
     check = torch.randn(check_batch, *input_size, generator=generator)
     target = Path(out)
-    tmp = _atomic_target(target, '.pt2' if fmt == 'exported-program' else target.suffix)
-    try:
-        with torch.no_grad():
-            expected = model(check)
-            if fmt == 'onnx':
-                _export_onnx(model, example, tmp, opset)
-                got = _run_onnx(tmp, check)
-            elif fmt == 'torchscript':
-                traced = torch.jit.trace(model, (example,), check_trace=False)
-                traced.save(str(tmp))
-                got = torch.jit.load(str(tmp))(check)
-            else:
-                batch = torch.export.Dim('batch', min=1, max=4096)
-                program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-                torch.export.save(program, str(tmp))
-                got = torch.export.load(str(tmp)).module()(check)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    outputs = {}
+
+    @torch.no_grad()
+    def write_and_check(tmp: str) -> None:  # the file replaces ``target`` only once it has been read back
+        outputs['expected'] = model(check)
+        if fmt == 'onnx':
+            _export_onnx(model, example, Path(tmp), opset)
+            outputs['got'] = _run_onnx(Path(tmp), check)
+        elif fmt == 'torchscript':
+            traced = torch.jit.trace(model, (example,), check_trace=False)
+            traced.save(tmp)
+            outputs['got'] = torch.jit.load(tmp)(check)
+        else:
+            batch = torch.export.Dim('batch', min=1, max=4096)
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, tmp)
+            outputs['got'] = torch.export.load(tmp).module()(check)
+
+    atomic_write(target, write_and_check, suffix='.tmp' + ('.pt2' if fmt == 'exported-program' else target.suffix))
+    got, expected = outputs['got'], outputs['expected']
     diff = (got.float() - expected.float()).abs().max().item()
     return {'path': str(target), 'format': fmt, 'input_size': list(input_size), 'check_batch': check_batch,
             'max_abs_diff': diff, 'ok': diff <= tolerance}
@@ -97,8 +89,8 @@ def export_model(model: nn.Module, out: str, fmt: str = 'onnx', img_size: Option
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('output', help='file to write (e.g. model.onnx, model.pt, model.pt2)')
-    parser.add_argument('--model-dir', required=True,
-                        help='timm local-dir model folder: config.json + model.safetensors')
+    from dynamixer.evaluate import MODEL_DIR_HELP
+    parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
     parser.add_argument('--format', choices=FORMATS, default='onnx', help='export format')
     parser.add_argument('--img-size', type=int, nargs='+', default=None, metavar='SIZE',
                         help='input size H [W] to export at (dynamic_img_size models only; default: built size)')

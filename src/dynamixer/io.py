@@ -5,13 +5,13 @@ from pathlib import Path
 from typing import Callable
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None], suffix: str = '.tmp') -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``, so that a kill
     or a full disk never leaves half a file (the previous one stays intact). The file gets the mode that the
-    umask gives a new file, not mkstemp's 0600."""
+    umask gives a new file, not mkstemp's 0600. ``suffix`` ends the temporary name (for writers that go by it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

@@ -87,36 +87,47 @@ def cache_tensors(dataset: ImageDataset, size: Tuple[int, int], cache_dir: Optio
     return split, path, True
 
 
-def random_translate(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image shifted by up to ``padding`` pixels in x and y, the uncovered border filled by reflection
-    (the same as padding by ``padding`` and taking a random crop of the original size)."""
+def translate(images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Image b cropped at (dy[b], dx[b]) out of itself padded by ``padding`` pixels (reflection): a shift by
+    ``padding - dy`` rows and ``padding - dx`` columns, the uncovered border filled by reflection."""
     if padding <= 0:
         return images
     B, C, H, W = images.shape
-    padded = F.pad(images, (padding,) * 4, mode='reflect') if images.is_floating_point() else \
-        F.pad(images.float(), (padding,) * 4, mode='reflect').to(images.dtype)
-    dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
+    padded = F.pad(images.float(), (padding,) * 4, mode='reflect').to(images.dtype)
     rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(W))[:, None, None, :]  # (B, 1, 1, W)
     return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    flip = torch.rand(images.shape[0], generator=generator) < p
+def hflip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def cutout(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+    """A ``size`` x ``size`` square centred at (cy[b], cx[b]) (clipped at the border) set to zero."""
+    H, W = images.shape[-2:]
+    ys, xs = torch.arange(H)[None, :, None], torch.arange(W)[None, None, :]
+    inside = ((ys - cy[:, None, None]).abs() <= size // 2) & ((xs - cx[:, None, None]).abs() <= size // 2)
+    return images.masked_fill(inside[:, None], 0.)
+
+
+def random_translate(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image shifted by up to ``padding`` pixels in x and y (pad by reflection, random crop)."""
+    B = images.shape[0]
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, B), generator=generator)
+    return translate(images, padding, dy, dx)
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    return hflip(images, torch.rand(images.shape[0], generator=generator) < p)
+
+
 def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """A ``size`` x ``size`` square (clipped at the border) set to zero (the mean, after normalisation)."""
     if size <= 0:
         return images
     B, _, H, W = images.shape
-    cy = torch.randint(0, H, (B, 1, 1), generator=generator)
-    cx = torch.randint(0, W, (B, 1, 1), generator=generator)
-    ys, xs = torch.arange(H)[None, :, None], torch.arange(W)[None, None, :]
-    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
-    return images.masked_fill(inside[:, None], 0.)
+    return cutout(images, size, torch.randint(0, H, (B,), generator=generator),
+                  torch.randint(0, W, (B,), generator=generator))
 
 
 class TensorLoader:
@@ -124,7 +135,9 @@ class TensorLoader:
     (random translation with reflection padding, horizontal flip, cutout), normalised to float32.
 
     Yields ``(images, targets, [])`` like ``data.collate`` (nothing is unreadable any more). ``start`` skips
-    that many batches of the epoch (resuming mid-epoch); the same seed and epoch give the same batches.
+    that many batches of the epoch (resuming mid-epoch). Each image's augmentation is drawn from (seed, epoch)
+    at the start of the epoch, so it does not depend on the batch size (gradient accumulation) or on where a
+    resumed epoch starts; the same seed and epoch give the same batches.
     """
 
     def __init__(self, split: TensorSplit, batch_size: int, mean: Sequence[float], std: Sequence[float],
@@ -158,22 +171,18 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, list]]:
         order = self._order()
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 7 + 1 + self.rank)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.train and b < self.start:  # keep the generator in step with an uninterrupted epoch
-                self._augment(self.split.images[idx[:1]].float(), g, len(idx))
-                continue
-            images = self.split.images[idx].float()
+        n, bs = len(order), self.batch_size
+        if self.train:  # every image's augmentation drawn up front: the same whatever the batch size or start
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 7 + 1 + self.rank)
+            H, W = self.split.images.shape[-2:]
+            shifts = torch.randint(0, 2 * self.padding + 1, (2, n), generator=g)
+            flips = torch.rand(n, generator=g) < self.hflip
+            centres = torch.stack([torch.randint(0, H, (n,), generator=g), torch.randint(0, W, (n,), generator=g)])
+        for b in range(self.start if self.train else 0, len(self)):
+            part = slice(b * bs, (b + 1) * bs)
+            images = self.split.images[order[part]].float()
             if self.train:
-                images = self._augment(images, g, len(idx))
-            yield (images - self.mean) / self.std, self.split.targets[idx], []
-
-    def _augment(self, images: torch.Tensor, g: torch.Generator, count: int) -> torch.Tensor:
-        if images.shape[0] != count:  # a skipped batch: draw the same random numbers, on a stand-in
-            images = images.expand(count, -1, -1, -1)
-        images = random_translate(images, self.padding, g)
-        images = random_hflip(images, g, self.hflip)
-        if self.cutout:
-            images = random_cutout(images - self.mean, self.cutout, g) + self.mean
-        return images
+                images = hflip(translate(images, self.padding, *shifts[:, part]), flips[part])
+                if self.cutout:
+                    images = cutout(images - self.mean, self.cutout, *centres[:, part]) + self.mean
+            yield (images - self.mean) / self.std, self.split.targets[order[part]], []

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -62,10 +61,11 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
     'cifar': lambda model: dict(
         model='dynamixer_cifar_xs', time_budget=60., epochs=1000, batch_size=128, opt='adamw', lr=2e-3,
         weight_decay=0.05, sched='cosine', warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.,
-        crop='pad', hflip=0.5, smoothing=0.1, amp='auto', compile=True, data_path='tensor', threads=None),
+        crop='pad', hflip=0.5, smoothing=0.1, amp='auto', compile=True, data_path='tensor', threads=None,
+        save_model='last'),
 }
-# Optimiser steps timed to plan a --time-budget run: from CALIBRATION[0] (compilation done) to CALIBRATION[1].
-CALIBRATION = (5, 25)
+# Optimiser steps timed to plan a --time-budget run: from CALIBRATION[0] (compiled, allocator warm) to CALIBRATION[1].
+CALIBRATION = (10, 50)
 
 NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', '_run', '_explicit'}
 CHECKPOINT = 'checkpoint.pth'
@@ -191,6 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--resume', action='store_true',
                    help='continue from OUTPUT/checkpoint.pth with the settings of OUTPUT/args.yaml (flags given '
                         'now still win, e.g. --epochs to train longer)')
+    g.add_argument('--save-model', default='best', choices=['best', 'last'],
+                   help="what OUTPUT/model holds: the epoch with the best val top-1 ('best'), or the last epoch "
+                        "('last': no selection on the validation images, for reporting held-out accuracy)")
     g.add_argument('--checkpoint-every', type=int, default=0,
                    help='also checkpoint every N optimiser steps within an epoch (0: at the end of each epoch only)')
     g.add_argument('--seed', type=int, default=0, help='seed of initialisation, data order and augmentation')
@@ -645,6 +648,8 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                 {k: v for k, v in vars(cfg).items() if k != 'resume'}, sort_keys=False))
 
     calibration = (min(CALIBRATION[0], steps_per_epoch - 1), min(CALIBRATION[1], steps_per_epoch))
+    planned_at = None  # (epoch, time) at the end of the epoch in which the budget was planned
+    epoch_cap = cfg.epochs
     t_calibration = time.time()
     epoch = start_epoch
     while epoch < cfg.epochs:
@@ -750,19 +755,23 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
             f'{record["img_per_sec"]:.0f} img/s  {train_time:.1f}s')
         step_in_epoch = 0
         if master:
-            if val['top1'] > best_top1:
-                best_top1 = val['top1']
+            if val['top1'] > best_top1 or cfg.save_model == 'last':
+                best_top1 = max(best_top1, val['top1'])
                 save_model_dir(ema.module if ema is not None else raw_model, out / 'model', classes)
             write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in history))
             plot_curves(history, out / 'curves.png')
             save_checkpoint(epoch + 1, 0)
         epoch += 1
-        if cfg.time_budget and not cfg.resume and epoch < cfg.epochs:  # slower than planned: shorten, still finish
-            epoch_s = time.time() - t0
-            fits = epoch + int((cfg.time_budget * 60 - (time.time() - t_start)) // epoch_s)
-            if fits < cfg.epochs:
-                log(f'time budget: epochs take {epoch_s:.0f}s, more than planned; the schedule now ends after '
-                    f'epoch {max(fits, epoch)}')
+        if planned_at is None and planned:
+            planned_at = (epoch, time.time())  # epochs after this one show the steady speed
+        elif cfg.time_budget and not cfg.resume and planned_at and epoch < cfg.epochs:
+            # Re-plan from whole epochs (validation included): after the first one either way, while the
+            # cosine is still near its peak; later only shorter (a busy machine), so that it still ends in time.
+            epoch_s = (time.time() - planned_at[1]) / (epoch - planned_at[0])
+            fits = min(epoch_cap, epoch + int(0.98 * (cfg.time_budget * 60 - (time.time() - t_start)) // epoch_s))
+            if fits < cfg.epochs or (fits > cfg.epochs and epoch == planned_at[0] + 1):
+                log(f'time budget: a whole epoch takes {epoch_s:.0f}s, so the schedule now ends after epoch '
+                    f'{max(fits, epoch)} (was {cfg.epochs})')
                 set_epochs(max(fits, epoch))
 
     if ddp:

@@ -695,11 +695,11 @@ def _create_dynamixer(variant: str, pretrained: bool = False, **kwargs) -> DynaM
         # untrained model just because `pretrained=True` was left out.
         pretrained = True
     weights = None
-    if pretrained:
+    if pretrained and not (isinstance(cfg, dict) and cfg.get('source') == 'local-dir'):  # a folder checks itself
         from timm.models._builder import resolve_pretrained_cfg
         resolved = resolve_pretrained_cfg(variant, cfg, kwargs.get('pretrained_cfg_overlay'))
         weights = resolved.file if resolved.file and not resolved.state_dict else None
-        if not (weights or resolved.url or resolved.hf_hub_id or resolved.state_dict or isinstance(cfg, dict)):
+        if not (weights or resolved.url or resolved.hf_hub_id or resolved.state_dict):
             tags = [n for n in _trained_tags() if n.startswith(variant + '.')]
             raise ValueError(f'{variant}.{resolved.tag or "untrained"} has no pretrained weights; '
                              + (f'use {" or ".join(tags)}.' if tags else 'create it with pretrained=False.'))
@@ -771,12 +771,12 @@ default_cfgs = generate_default_cfgs({
     'dynamixer_l.untrained': _cfg(crop_pct=.875),
     'dynamixer_cifar_t.untrained': _cfg(**_CIFAR_CFG),
     'dynamixer_cifar_s.untrained': _cfg(**_CIFAR_CFG),
+    'dynamixer_cifar_xs.untrained': _cfg(**_CIFAR_CFG, first_conv='stem.convs.0'),
     # `dynamixer train --recipe cifar --data PATH/cifar10 --val-split 0.1` (45,000 of CIFAR-10's training
     # images, the held-out 5,000 never seen): docs/cifar10.md
     'dynamixer_cifar_xs.cifar10_1h': _cfg(
         **_CIFAR_CFG, first_conv='stem.convs.0', label_names=CIFAR10_CLASSES,
         file=str(WEIGHTS_DIR / 'dynamixer_cifar_xs.cifar10_1h.safetensors')),
-    'dynamixer_cifar_xs.untrained': _cfg(**_CIFAR_CFG, first_conv='stem.convs.0'),
 })
 
 
