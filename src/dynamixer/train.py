@@ -536,7 +536,6 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         loader, val_loader, n_skipped = tensor_loaders(cfg, splits, model, data_config, crop, hflip, micro_batch,
                                                        rank, world, log)
         steps_per_epoch = len(loader) // cfg.accum_steps
-        sampler = loader
     else:
         sampler = EpochSampler(splits.train, world, rank, cfg.seed,
                                steps_per_epoch * cfg.accum_steps * micro_batch)
