@@ -51,6 +51,9 @@ def test_table_shows_both_and_the_ratio(result):
     table = bench.format_table(result)
     assert 'fast vs reference' in table and 'reference' in table
     assert f"{result['inference']['speedup']:.2f}x" in table
+    slower = dict(result, inference=dict(result['inference'], speedup=0.89))
+    row = [line for line in bench.format_table(slower).splitlines() if '**0.89x**' in line]
+    assert len(row) == 1 and '(slower)' in row[0] and 'faster' not in row[0]  # never "0.89x faster"
 
 
 def test_cli_json_sweep(capsys):

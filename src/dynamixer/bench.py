@@ -456,8 +456,9 @@ def format_table(result: Dict[str, Any]) -> str:
                          f"{e['gflops']:.1f} | {100 * e['peak_fraction']:.0f}% | {mem} |")
         if 'speedup' in entry:
             mem = f"{entry['memory_ratio']:.2f}x" if 'memory_ratio' in entry else '-'
+            verdict = 'faster' if entry['speedup'] >= 1 else '(slower)'
             lines.append(f"| {mode} | {entry['batch_size']} | **fast vs reference** | **{entry['speedup']:.2f}x** "
-                         f"faster | | | | {mem} |")
+                         f"{verdict} | | | | {mem} |")
     return '\n'.join(lines)
 
 
