@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dynamixer.data import ArrayDataset, FileDataset, ImageDataset, Unreadable
+from dynamixer.data import FileDataset, ImageDataset, Unreadable
 from dynamixer.io import atomic_write
 
 CACHE_VERSION = 1
@@ -70,7 +70,7 @@ def cache_tensors(dataset: ImageDataset, size: Tuple[int, int], cache_dir: Optio
                   progress: bool = True) -> Tuple[TensorSplit, Optional[Path], bool]:
     """``dataset`` decoded to a ``TensorSplit`` of ``size`` (H, W). Image files are cached in ``cache_dir`` (by
     content fingerprint); in-memory datasets are converted directly. Returns (split, cache file, built now)."""
-    if isinstance(dataset, ArrayDataset) or cache_dir is None or not isinstance(dataset, FileDataset):
+    if cache_dir is None or not isinstance(dataset, FileDataset):  # in-memory arrays: nothing to cache
         return _decode(dataset, size, progress), None, True
     path = Path(cache_dir) / f'images-{_fingerprint(dataset, size, dataset.mode)}.pt'
     if path.is_file():

@@ -468,7 +468,7 @@ class DynaMixer(nn.Module):
         fusion: 'reweight' (official, per-channel softmax over branches) or 'sum' (paper's pseudo-code).
         dynamic_img_size: accept any input size, mixing in windows of the built line length.
         stem: 'patch' (the paper: one non-overlapping conv) or 'conv' (overlapping 3 x 3 convs with BatchNorm
-            down to the same grid; better on 32 x 32 images, see docs/cifar10.md).
+            down to the same grid; used by dynamixer_cifar_xs, not yet A/B-tested against 'patch': docs/cifar10.md).
         weight_init: 'trunc_normal' (official: linear weights with std 0.02) or 'fan_in' (std 1/sqrt(fan-in)).
             At the paper's widths the two are close; in narrow models (32-64 channels) std 0.02 leaves every
             residual branch near zero and training idles for epochs (digits: 92% after 8 epochs vs 98% fan_in).
