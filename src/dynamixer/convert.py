@@ -203,13 +203,31 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         raise ValueError(f'checkpoint {str(path)!r} does not exist; give the path of a .safetensors or .pth file.')
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f'could not read {str(path)!r} as safetensors ({reason}); the file is damaged or '
+                             f'holds no weights.') from None
+    return unwrap_checkpoint(torch_load(path, 'a checkpoint', 'a .safetensors file or a torch state dict saved '
+                                                              'with tensors only'))
+
+
+def torch_load(path: Union[str, Path], what: str, expected: str) -> Any:
+    """``torch.load`` of tensors and plain containers only, so that a file never runs code; a damaged file
+    or one that holds other objects is a one-line ValueError that says which."""
+    import pickle
     try:
-        checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'could not read {str(path)!r} as a checkpoint ({type(e).__name__}); expected a '
-                         f'.safetensors file or a torch state dict saved with tensors only.') from None
-    return unwrap_checkpoint(checkpoint)
+        return torch.load(str(path), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'GLOBAL' in str(e):  # the pickle names a function or class: what code execution needs
+            raise ValueError(f'refused to load {str(path)!r} as {what}: it holds Python objects beyond tensors, '
+                             f'which could run code when unpickled; expected {expected}.') from None
+        raise ValueError(f'could not read {str(path)!r} as {what} (UnpicklingError, the file is damaged or of '
+                         f'another kind); expected {expected}.') from None
+    except Exception as e:  # a truncated zip, a text file, ...: torch raises several types
+        raise ValueError(f'could not read {str(path)!r} as {what} ({type(e).__name__}, the file is damaged or '
+                         f'of another kind); expected {expected}.') from None
 
 
 def load_checkpoint(model: DynaMixer, path_or_state: Union[str, Path, Mapping[str, Any]],
