@@ -89,3 +89,14 @@ def test_errors(tmp_path, capsys):
     assert main(['export', '--model-dir', str(tmp_path / 'empty'), str(tmp_path / 'm.onnx')]) == 2
     assert 'config.json' in capsys.readouterr().err
     assert not (tmp_path / 'm.onnx').exists()
+
+
+def test_onnx_without_onnx_installed_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnx' else real(name, *a))
+    save_model_dir(tmp_path / 'model')
+    assert main(['export', '--model-dir', str(tmp_path / 'model'), str(tmp_path / 'm.onnx')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'pip install "dynamixer[export]"' in err and 'needs onnx:' in err
+    assert not (tmp_path / 'm.onnx').exists()

@@ -181,17 +181,12 @@ def _check_builds(model: str, variant: Dict[str, Any]) -> None:
 
 
 def count_params_macs(model: str, kwargs: Dict[str, Any]) -> Tuple[int, float]:
-    """Parameters and GMACs (FlopCounterMode / 2, batch 1, at the model's input size)."""
+    """Parameters and GMACs (batch 1, at the model's input size)."""
     import timm
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
     import dynamixer  # noqa: F401
-    net = timm.create_model(model, **kwargs).eval()
-    params = sum(p.numel() for p in net.parameters())
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(torch.zeros(1, *net.pretrained_cfg['input_size']))
-    return params, counter.get_total_flops() / 2e9
+    from dynamixer.bench import count_macs
+    net = timm.create_model(model, **kwargs)
+    return sum(p.numel() for p in net.parameters()), count_macs(net, net.pretrained_cfg['input_size']) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------- the runs
@@ -239,8 +234,7 @@ def train_command(data: str, model: str, kwargs: Dict[str, Any], train: Dict[str
             cmd += [flag, str(value)]
     if kwargs:  # parsed by train with ast.literal_eval, strings left as they are
         cmd += ['--model-kwargs', *(f'{k}={v if isinstance(v, str) else repr(v)}' for k, v in kwargs.items())]
-    if resume:
-        cmd.append('--resume')
+    cmd.append('--resume' if resume else '--overwrite')  # a start that died before its first checkpoint
     return cmd
 
 
@@ -439,6 +433,7 @@ def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
 # ----------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dynamixer.cli import number
     parser.add_argument('--grid', help='YAML grid file (model, base, train, seeds, axes, variants)')
     parser.add_argument('--output', required=True, help='folder for the runs and the results')
     parser.add_argument('--model', help='model name (overrides the grid)')
@@ -447,13 +442,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='axes varied one at a time from the base, e.g. S=1,2,4,8 generation=static,dense')
     parser.add_argument('--variant', nargs='+', default=[], metavar='NAME:KNOB=VALUE[;KNOB=VALUE]',
                         help='named variants, e.g. shared:share_row_col=true')
-    parser.add_argument('--seeds', nargs='+', type=int, help='seeds of every variant (overrides the grid)')
+    parser.add_argument('--seeds', nargs='+', type=number(int, at_least=0),
+                        help='seeds of every variant (overrides the grid)')
     parser.add_argument('--data', help='training data, as for dynamixer train (overrides the grid)')
-    parser.add_argument('--epochs', type=int, help='epochs per run (overrides the grid)')
+    parser.add_argument('--epochs', type=number(int, at_least=1), help='epochs per run (overrides the grid)')
     parser.add_argument('--train-arg', nargs='+', default=[], metavar='FLAG=VALUE',
                         help='more dynamixer train settings shared by every run, e.g. batch_size=128 val_split=0.1')
-    parser.add_argument('--jobs', type=int, default=1, help='runs trained at the same time')
-    parser.add_argument('--threads', type=int, default=1, help='CPU threads per run (OMP_NUM_THREADS)')
+    parser.add_argument('--jobs', type=number(int, at_least=1), default=1, help='runs trained at the same time')
+    parser.add_argument('--threads', type=number(int, at_least=1), default=1,
+                        help='CPU threads per run (OMP_NUM_THREADS)')
     parser.add_argument('--dry-run', action='store_true', help='print the training commands and stop')
 
 

@@ -483,18 +483,23 @@ def _int_list(text: str) -> List[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dynamixer.cli import number
     parser.add_argument('--model', default='dynamixer_s', help='variant name')
-    parser.add_argument('--batch-size', type=int, default=32, help='inference batch size')
-    parser.add_argument('--train-batch-size', type=int, default=None, help='training batch size (default: --batch-size)')
-    parser.add_argument('--img-size', type=int, default=None, help="input size (square; default: the model's, "
-                                                                   "e.g. 224 for S/M/L, 32 for the cifar variants)")
+    parser.add_argument('--batch-size', type=number(int, at_least=1), default=32, help='inference batch size')
+    parser.add_argument('--train-batch-size', type=number(int, at_least=1), default=None,
+                        help='training batch size (default: --batch-size)')
+    parser.add_argument('--img-size', type=number(int, at_least=1), default=None,
+                        help="input size (square; default: the model's, "
+                             "e.g. 224 for S/M/L, 32 for the cifar variants)")
     parser.add_argument('--precision', choices=list(PRECISIONS), default='fp32',
                         help='fp32, or bf16 / fp16 autocast')
     parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
     parser.add_argument('--compile', action='store_true', help='torch.compile both implementations')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed runs per implementation')
-    parser.add_argument('--iters', type=int, default=5, help='timed runs per implementation (median reported)')
-    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: leave as is)')
+    parser.add_argument('--warmup', type=number(int, at_least=0), default=2, help='untimed runs per implementation')
+    parser.add_argument('--iters', type=number(int, at_least=1), default=5,
+                        help='timed runs per implementation (median reported)')
+    parser.add_argument('--threads', type=number(int, at_least=1), default=None,
+                        help='torch.set_num_threads (default: leave as is)')
     parser.add_argument('--modes', default='inference,train', help='inference and/or train, comma-separated')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurements')
     parser.add_argument('--no-reference', action='store_true', help='time the fast implementation only')
@@ -519,7 +524,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--baseline-fp32-eager', action='store_true',
                         help='run the reference in fp32 eager whatever --precision and --compile say: the speed-up '
                              'of a whole training recipe (e.g. --precision bf16 --compile) over the plain model')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=number(int, at_least=0), default=0)
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--output', default=None, help='also write the JSON to this file')
     parser.add_argument('--quiet', action='store_true', help='no progress output on stderr')

@@ -6,8 +6,9 @@ the traceback instead.
 """
 import argparse
 import importlib
+import math
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -19,15 +20,54 @@ COMMANDS = {
     'visualize': ('dynamixer.visualize', 'draw the mixing matrices a trained model generates for an image'),
     'bench': ('dynamixer.bench', 'time the fast DynaMixer against the plain reference (speed, memory, GFLOP/s)'),
     'export': ('dynamixer.export', 'export a saved model folder to ONNX / TorchScript / ExportedProgram'),
+    'list': ('dynamixer.catalog', 'the registered variants: input size, params, GMACs, pretrained tags'),
 }
+
+
+def number(kind: type = float, at_least: Optional[float] = None, above: Optional[float] = None,
+           below: Optional[float] = None, at_most: Optional[float] = None) -> Callable[[str], Any]:
+    """An argparse ``type``: an int or a finite float within the given limits, else a message that says
+    what is allowed (``parse.what``, e.g. 'an integer >= 1', 'a number >= 0 and < 1')."""
+    limits = [f'{sign} {int(bound) if float(bound).is_integer() else bound}'
+              for sign, bound in (('>=', at_least), ('>', above), ('<', below), ('<=', at_most)) if bound is not None]
+    what = ('an integer' if kind is int else 'a number') + (' ' + ' and '.join(limits) if limits else '')
+
+    def parse(text: Any) -> Any:
+        try:
+            value = kind(text)
+            ok = (math.isfinite(value) and (kind is not int or not isinstance(text, float))
+                  and (at_least is None or value >= at_least) and (above is None or value > above)
+                  and (below is None or value < below) and (at_most is None or value <= at_most))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
+        return value
+    parse.__name__ = parse.what = what
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage lines before them hid the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not where the help already says its default, and not when there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if 'default' in (action.help or '') or action.default in (None, False) or not action.option_strings:
+            return action.help or ''
+        return super()._get_help_string(action)
 
 
 def _module_parser(name: str) -> argparse.ArgumentParser:
     module_name, summary = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(
-        prog=f'dynamixer {name}', description=(module.__doc__ or summary).strip().split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=f'dynamixer {name}', description=summary[0].upper() + summary[1:] + '.',
+                     formatter_class=_HelpFormatter)
     parser.add_argument('--debug', action='store_true', help='show full tracebacks on errors')
     module.add_arguments(parser)
     parser.set_defaults(_run=module.run)
@@ -45,9 +85,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(usage + '\n'.join(lines), file=stream)
         return 0 if stream is sys.stdout else 2
     args = _module_parser(argv[0]).parse_args(argv[1:])
+    from dynamixer.io import DiskFullError
     try:
         result = args._run(args)
-    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, DiskFullError) as e:
         if args.debug:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -35,6 +35,15 @@ def _input_size(model: nn.Module, img_size: Optional[Tuple[int, int]]) -> Tuple[
     return (model.in_chans, *model.img_size)
 
 
+def require_onnx() -> None:
+    """ONNX export needs the onnx and onnxruntime packages, which the plain install leaves out."""
+    import importlib.util
+    missing = [name for name in ('onnx', 'onnxruntime') if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f'--format onnx needs {" and ".join(missing)}: pip install "dynamixer[export]" '
+                         f'(or pip install {" ".join(missing)}); --format torchscript needs nothing more.')
+
+
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     torch.onnx.export(
         model, (example,), str(path), dynamo=False, opset_version=opset, input_names=['images'],
@@ -56,6 +65,8 @@ def export_model(model: nn.Module, out: str, fmt: str = 'onnx', img_size: Option
     """
     if fmt not in FORMATS:
         raise ValueError(f'format must be one of {", ".join(FORMATS)}, got {fmt!r}.')
+    if fmt == 'onnx':
+        require_onnx()
     model = model.eval()
     input_size = _input_size(model, img_size)
     generator = torch.Generator().manual_seed(seed)
@@ -88,14 +99,15 @@ def export_model(model: nn.Module, out: str, fmt: str = 'onnx', img_size: Option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dynamixer.cli import number
     parser.add_argument('output', help='file to write (e.g. model.onnx, model.pt, model.pt2)')
     from dynamixer.evaluate import MODEL_DIR_HELP
     parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
     parser.add_argument('--format', choices=FORMATS, default='onnx', help='export format')
-    parser.add_argument('--img-size', type=int, nargs='+', default=None, metavar='SIZE',
+    parser.add_argument('--img-size', type=number(int, at_least=1), nargs='+', default=None, metavar='SIZE',
                         help='input size H [W] to export at (dynamic_img_size models only; default: built size)')
-    parser.add_argument('--opset', type=int, default=17, help='ONNX opset')
-    parser.add_argument('--tolerance', type=float, default=1e-4,
+    parser.add_argument('--opset', type=number(int, at_least=7), default=17, help='ONNX opset')
+    parser.add_argument('--tolerance', type=number(above=0), default=1e-4,
                         help='largest accepted |exported - torch| on the check batch')
     parser.add_argument('--json', action='store_true', help='print the result as JSON')
 

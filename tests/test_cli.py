@@ -1,0 +1,55 @@
+"""The ``dynamixer`` command itself: ``dynamixer list`` and argument checking at the edge."""
+import pytest
+import timm
+
+import dynamixer  # noqa: F401  registers the variants
+from dynamixer import cli
+from dynamixer.bench import count_macs
+
+
+def test_list_shows_each_cifar_variant_with_its_size_and_tags(capsys):
+    assert cli.main(['list', 'dynamixer_cifar*']) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith('dynamixer_')}
+    assert set(lines) == set(timm.list_models('dynamixer_cifar*'))
+    for name, line in lines.items():
+        model = timm.create_model(name)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        assert f'{params:.2f}M' in line and '32x32' in line
+        assert f'{count_macs(model, (3, 32, 32)) / 1e9:.3f}' in line
+    assert 'cifar10_1h' in lines['dynamixer_cifar_xs'] and lines['dynamixer_cifar_t'].rstrip().endswith('-')
+
+
+def test_list_of_an_unknown_pattern_is_a_one_line_error(capsys):
+    assert cli.main(['list', 'resnet*', '--no-macs']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and "no registered model matches 'resnet*'" in err
+
+
+@pytest.mark.parametrize('argv, expect', [
+    (['train', '--epochs', '-1'], 'argument --epochs: expected an integer >= 1'),
+    (['train', '--batch-size', '0'], 'argument --batch-size: expected an integer >= 1'),
+    (['train', '--lr', 'nan'], 'argument --lr: expected a number > 0'),
+    (['train', '--val-split', '1.5'], 'argument --val-split: expected a number >= 0 and < 1'),
+    (['train', '--hflip', '2'], 'argument --hflip: expected a number >= 0 and <= 1'),
+    (['train', '--epochs', '2.5'], 'argument --epochs: expected an integer >= 1'),
+    (['train', '--seed', 'x'], 'argument --seed: expected an integer >= 0 and < 4294967296'),
+    (['bench', '--iters', '0'], 'argument --iters: expected an integer >= 1'),
+    (['eval', '--model-dir', 'm', '--batch-size', '-3'], 'argument --batch-size: expected an integer >= 1'),
+    (['predict', '--model-dir', 'm', '--topk', '0', 'a.png'], 'argument --topk: expected an integer >= 1'),
+])
+def test_bad_numbers_are_one_line_naming_flag_value_and_limits(capsys, argv, expect):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith(f'dynamixer {argv[0]}: error: ') and expect in err, err
+    assert repr(argv[argv.index(expect.split()[1].rstrip(':')) + 1]) in err  # the value given
+
+
+def test_bad_number_in_a_config_file_names_the_setting_and_the_file(tmp_path, capsys):
+    config = tmp_path / 'c.yaml'
+    config.write_text('epochs: 0\n')
+    assert cli.main(['train', '--config', str(config), '--output', str(tmp_path / 'run')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and f'epochs: 0 in {config}: expected an integer >= 1' in err, err
+    assert not (tmp_path / 'run').exists()
