@@ -50,3 +50,16 @@ def train_args(output: Path, *extra: str) -> List[str]:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Decoded-image caches of the tests go to a temporary folder, never to the user's ~/.cache."""
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path_factory.mktemp('xdg_cache')))
+
+
+def child_pids(pid: int) -> List[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

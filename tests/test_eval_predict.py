@@ -105,3 +105,53 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
     assert tta['top1'] == pytest.approx((logits.argmax(1) == targets).float().mean().item() * 100)
     assert tta['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
     assert tta['loss'] != pytest.approx(plain['loss'], rel=1e-3)  # the mirror really was looked at
+
+
+def test_predict_warns_when_the_image_looks_nothing_like_the_models_inputs(trained, capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    photo = tmp_path / 'photo.png'  # 300x200 colour, for an 8x8 grayscale digits model
+    Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(photo)
+    gray = tmp_path / 'gray.png'  # 8x8 grayscale: what the model was trained on
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(gray)
+    code, out, err = _cli(capsys, 'predict', '--model-dir', str(trained / 'model'), '--json', str(photo), str(gray))
+    assert code == 0
+    results = [json.loads(line) for line in out.splitlines()]
+    assert '300x200 colour image' in results[0]['warning'] and '8x8 grayscale' in results[0]['warning']
+    assert 'warning' not in results[1]
+    assert err.count('warning:') == 1 and 'photo.png' in err
+
+
+def test_visualize_and_eval_work_on_the_digits_run_folder(trained, capsys, tmp_path):
+    from sklearn.datasets import load_digits
+    digit = tmp_path / 'digit.png'
+    Image.fromarray(np.round(load_digits().images[0] * 255 / 16).astype(np.uint8)).save(digit)
+    png = tmp_path / 'mixing.png'
+    code, _, err = _cli(capsys, 'visualize', '--model-dir', str(trained / 'model'), str(digit), '--output', str(png))
+    assert code == 0 and png.read_bytes()[:4] == b'\x89PNG', err
+    (trained / 'confusion.png').unlink(missing_ok=True)
+    assert _cli(capsys, 'eval', '--model-dir', str(trained), '--workers', '0')[0] == 0  # the run folder itself
+    assert (trained / 'confusion.png').is_file() and not (trained.parent / 'confusion.png').exists()
+
+
+def test_a_standard_timm_folder_with_pytorch_model_bin_is_accepted(trained, capsys, tmp_path):
+    import timm
+    from timm.models._hub import save_for_hf
+    model = timm.create_model(f'local-dir:{trained / "model"}', pretrained=True).eval()
+    save_for_hf(model, tmp_path / 'hf', safe_serialization=False)
+    assert (tmp_path / 'hf' / 'pytorch_model.bin').is_file() and not (tmp_path / 'hf' / 'model.safetensors').exists()
+    code, out, err = _cli(capsys, 'predict', '--model-dir', str(tmp_path / 'hf'), '--json', '--topk', '1',
+                          str(_a_digit(tmp_path)))
+    reference = _cli(capsys, 'predict', '--model-dir', str(trained / 'model'), '--json', '--topk', '1',
+                     str(_a_digit(tmp_path)))[1]
+    assert code == 0 and json.loads(out)['top'] == json.loads(reference)['top'], err
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'config.json').write_text('{}')
+    code, _, err = _cli(capsys, 'predict', '--model-dir', str(tmp_path / 'empty'), str(_a_digit(tmp_path)))
+    assert code == 2 and 'has no weights (model.safetensors or pytorch_model.bin).' in err
+
+
+def _a_digit(folder: Path) -> Path:
+    from sklearn.datasets import load_digits
+    path = folder / 'digit.png'
+    Image.fromarray(np.round(load_digits().images[3] * 255 / 16).astype(np.uint8)).save(path)
+    return path

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_MODEL, make_image_folder, train_args, write_corrupt_jpeg
+from conftest import TINY_MODEL, child_pids, make_image_folder, train_args, write_corrupt_jpeg
 from dynamixer import cli
 from dynamixer.data import load_splits, stratified_split
 from dynamixer.train import resolve_settings
@@ -226,14 +226,18 @@ def test_user_errors_are_one_line(tmp_path, capsys, image_folder, case):
     assert err.startswith('dynamixer train: error:') and expect in err
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, image_folder):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, image_folder, monkeypatch):
+    from timm.loss import LabelSmoothingCrossEntropy
     out = tmp_path / 'run'
-    os.environ['DYNAMIXER_FAULT_NAN_AT_STEP'] = '5'
-    try:
-        code, _, err = _cli(capsys, *train_args(out, '--data', str(image_folder), '--epochs', '3',
-                                                '--batch-size', '12', '--checkpoint-every', '1'))
-    finally:
-        del os.environ['DYNAMIXER_FAULT_NAN_AT_STEP']
+    real, calls = LabelSmoothingCrossEntropy.forward, []
+
+    def nan_at_step_6(self, x, target):  # the 6th loss (optimiser step 6) is NaN
+        calls.append(1)
+        loss = real(self, x, target)
+        return loss * float('nan') if len(calls) == 6 else loss
+    monkeypatch.setattr(LabelSmoothingCrossEntropy, 'forward', nan_at_step_6)
+    code, _, err = _cli(capsys, *train_args(out, '--data', str(image_folder), '--epochs', '3',
+                                            '--batch-size', '12', '--checkpoint-every', '1'))
     assert code == 2
     assert 'optimiser step 6' in err and 'nan' in err and 'Traceback' not in err
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
@@ -272,29 +276,73 @@ def test_sigkill_and_resume_gives_the_same_bits(tmp_path, image_folder):
 
 
 def test_torchrun_two_processes_keep_identical_weights(tmp_path, image_folder):
-    hashes = tmp_path / 'hashes'
     out = tmp_path / 'ddp'
-    env = dict(os.environ, OMP_NUM_THREADS='1', DYNAMIXER_WEIGHTS_HASH_DIR=str(hashes))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
            '-m', 'dynamixer.cli', *train_args(out, '--data', str(image_folder), '--epochs', '2',
                                               '--batch-size', '8', '--workers', '0')]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    h0, h1 = ((hashes / f'rank{r}.txt').read_text() for r in (0, 1))
-    assert h0 == h1
     from dynamixer.train import weights_hash
     import dynamixer
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
     model = dynamixer.create_model('dynamixer_cifar_t', img_size=32, num_classes=3, patch_size=1, depths=(1, 1, 1, 1),
                                    embed_dims=(16, 16, 32, 32), stage_strides=(1, 1, 2, 1), num_segments=(2, 2, 4, 4))
     model.load_state_dict(ckpt['model'])
-    assert weights_hash(model) == h0  # rank 0 saved what both ranks hold
+    # the ranks compared their weights, and rank 0 saved what both hold
+    assert f'all 2 processes hold the same weights (sha256 {weights_hash(model)[:12]})' in proc.stdout
     records = _metrics(out)
     assert all(r['val_images'] == 12 for r in records)  # validation reduced over both ranks, no duplicates
     assert '2 process(es)' in proc.stdout and proc.stdout.count('epoch 2/2 ') == 1  # rank 1 stays quiet
     settings = yaml.safe_load((out / 'args.yaml').read_text())
     assert settings['batch_size'] == 8
     assert ckpt['global_step'] == 2 * (36 // 2 // 4)  # 4 images per rank per step
+
+
+def _torchrun(port: int, *argv: str) -> subprocess.Popen:
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port),
+           '-m', 'dynamixer.cli', *argv]
+    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_torchrun_killed_and_resumed_gives_the_same_bits(tmp_path, image_folder):
+    """Two processes killed mid-epoch and resumed end bitwise where an uninterrupted 2-process run ends: every
+    rank's RNG (drop path draws from it) and running loss are in the checkpoint."""
+    common = ['--data', str(image_folder), '--epochs', '2', '--batch-size', '8', '--deterministic',
+              '--checkpoint-every', '2', '--drop-path', '0.2']
+    straight = _torchrun(29541, *train_args(tmp_path / 'straight', *common))
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-3000:]
+    killed_out = tmp_path / 'killed'
+    killed = _torchrun(29542, *train_args(killed_out, *common))
+    deadline = time.time() + 180
+    while not (killed_out / 'checkpoint.pth').exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    for pid in child_pids(killed.pid) + [killed.pid]:  # both ranks, then torchrun
+        os.kill(pid, signal.SIGKILL)
+    killed.communicate()
+    first = torch.load(killed_out / 'checkpoint.pth', weights_only=True)
+    assert first['epoch'] < 2 and len(first['ranks']) == 2
+    resumed = _torchrun(29543, 'train', '--output', str(killed_out), '--resume', '--no-progress')
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    a = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)
+    b = torch.load(killed_out / 'checkpoint.pth', weights_only=True)
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+    assert strip(_metrics(tmp_path / 'straight')) == strip(_metrics(killed_out))
+
+
+def test_torchrun_with_a_rank_whose_batch_is_all_unreadable_does_not_hang(tmp_path):
+    data = make_image_folder(tmp_path / 'data' / 'train', per_class=6)
+    for i in range(12):  # as many broken files as images: with one image per rank and step, some rank's batch
+        write_corrupt_jpeg(data / ('cat', 'dog', 'fox')[i % 3] / f'broken{i}.jpg')  # is all broken, the other's not
+    proc = _torchrun(29544, *train_args(tmp_path / 'run', '--data', str(tmp_path / 'data'), '--val-split', '0.2',
+                                        '--data-path', 'files', '--epochs', '2', '--batch-size', '2'))
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert 'all 2 processes hold the same weights' in out and 'broken' in err
 
 
 def test_progress_bar_shows_rate_loss_and_eta(tmp_path, capsys, image_folder):
@@ -326,3 +374,46 @@ def test_compile_trains_and_saves_plain_weights(tmp_path, capsys):
     assert not any(k.startswith('_orig_mod.') for k in ckpt['model'])
     import timm
     timm.create_model(f'local-dir:{out / "model"}', pretrained=True)
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path, capsys, image_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = ['train', '--data', str(image_folder), '--no-progress', '--workers', '0', *TINY_MODEL, '--epochs', '1',
+            '--batch-size', '12']
+    for _ in range(2):  # the default output is named after the data, numbered past an earlier run
+        assert _cli(capsys, *tiny)[0] == 0
+    first, second = tmp_path / 'runs' / 'data', tmp_path / 'runs' / 'data-2'
+    assert (first / 'model').is_dir() and (second / 'model').is_dir()
+    assert yaml.safe_load((second / 'args.yaml').read_text())['output'] == str(Path('runs') / 'data-2')
+
+    (first / 'confusion.png').write_bytes(b'from eval')  # what eval may have left beside the run
+    before = (first / 'metrics.jsonl').read_text()
+    code, _, err = _cli(capsys, *tiny, '--output', str(first), '--seed', '5')
+    assert code == 2 and err.count('\n') == 1 and 'holds an earlier run' in err and '--overwrite' in err
+    assert (first / 'metrics.jsonl').read_text() == before
+
+    assert _cli(capsys, *tiny, '--output', str(first), '--seed', '5', '--overwrite')[0] == 0
+    assert not (first / 'confusion.png').exists()
+    assert yaml.safe_load((first / 'args.yaml').read_text())['seed'] == 5
+    assert 'overwrite' not in yaml.safe_load((first / 'args.yaml').read_text())
+
+
+def test_resume_without_a_run_says_what_to_do(tmp_path, capsys):
+    (tmp_path / 'empty').mkdir()
+    code, _, err = _cli(capsys, 'train', '--resume', '--output', str(tmp_path / 'empty'))
+    assert code == 2 and 'holds no run to continue' in err and 'without --resume' in err
+    code, _, err = _cli(capsys, 'train', '--resume')
+    assert code == 2 and '--resume continues the run in --output' in err
+
+
+def test_curves_of_a_one_epoch_run_are_not_empty(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from dynamixer.train import plot_curves
+    record = dict(epoch=1, train_loss=1.5, val_loss=1.2, val_top1=60., val_top5=95.)
+
+    def blue_pixels(history):  # matplotlib's first colour, C0 (#1f77b4): the train-loss and top-1 curves
+        plot_curves(history, tmp_path / 'c.png')
+        rgb = np.asarray(Image.open(tmp_path / 'c.png').convert('RGB')).astype(int)
+        return int((np.abs(rgb - [31, 119, 180]).sum(-1) < 40).sum())
+    assert blue_pixels([record]) > blue_pixels([]) + 50

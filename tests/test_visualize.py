@@ -106,4 +106,4 @@ def test_missing_inputs(model_dir, image, tmp_path, capsys):
     assert 'does not exist' in capsys.readouterr().err
     assert main(['visualize', str(tmp_path / 'nope.jpg'), '--model-dir', str(model_dir)]) == 2
     err = capsys.readouterr().err.strip()
-    assert 'nope.jpg does not exist' in err and len(err.splitlines()) == 1
+    assert "nope.jpg' does not exist" in err and len(err.splitlines()) == 1

@@ -256,6 +256,30 @@ def _clamp_posterize_bits() -> None:
     auto_augment._dynamixer_clamped = True
 
 
+def open_image(path: str, data_config: Dict[str, Any]) -> Tuple[Image.Image, Optional[str]]:
+    """An image file in the mode the model reads (1 channel or RGB), and a note when it looks nothing like
+    the model's inputs (a colour image for a grayscale model, or one more than 16 times their size), whose
+    answer would then mean little."""
+    channels, height, width = data_config['input_size']
+    try:
+        with Image.open(path) as original:
+            original.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f'image {path!r} does not exist.') from None
+    except OSError as e:
+        raise ValueError(f'could not read {path!r} as an image ({e}).') from None
+    rgb = original.convert('RGB')
+    colour = channels == 1 and np.ptp(np.asarray(rgb.resize((32, 32)), dtype=np.int16), axis=2).mean() > 8
+    too_big = max(original.width / width, original.height / height) > 16
+    note = None
+    if colour or too_big:
+        kind = 'colour ' if colour else ''
+        trained = f'{width}x{height} {"grayscale" if channels == 1 else "colour"}'
+        note = (f'{path} is a {original.width}x{original.height} {kind}image; this model was trained on {trained} '
+                f'images, so its answer may mean little.')
+    return (original.convert('L') if channels == 1 else rgb), note
+
+
 def eval_transform(data_config: Dict[str, Any]) -> Callable:
     """timm's evaluation preprocessing (resize, centre crop, normalise) for the model's data config."""
     from timm.data import create_transform

@@ -5,7 +5,6 @@
 the model's own data config says. ``evaluate()`` is also the validation loop of training.
 """
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -23,9 +22,24 @@ def load_model_dir(path: str, device: str = 'cpu') -> nn.Module:
     """
     import timm
     import dynamixer  # noqa: F401  registers the architectures with timm
-    folder = Path(path)
-    if not folder.exists() and path in timm.list_pretrained('dynamixer*'):  # weights shipped with the package
+    folder = model_folder(path)
+    if folder is None:  # weights shipped with the package
         return timm.create_model(path, pretrained=True).to(device).eval()
+    model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True)
+    return model.to(device).eval()
+
+
+# The weight files timm's local-dir loader looks for, in its order of preference.
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+
+
+def model_folder(path: str) -> Optional[Path]:
+    """The timm model folder that ``path`` names (itself, or a training run's ``model/``), checked; None for
+    the name of weights shipped with the package."""
+    import timm
+    folder = Path(path)
+    if not folder.exists() and path in timm.list_pretrained('dynamixer*'):
+        return None
     if not (folder / 'config.json').is_file() and (folder / 'model' / 'config.json').is_file():
         folder = folder / 'model'
     if not folder.is_dir():
@@ -34,11 +48,11 @@ def load_model_dir(path: str, device: str = 'cpu') -> nn.Module:
     if not (folder / 'config.json').is_file():
         raise ValueError(f'{path!r} has no config.json; give the model/ folder that dynamixer train writes '
                          f'(e.g. runs/digits/model).')
-    if not (folder / 'model.safetensors').is_file():
-        raise ValueError(f'{path!r} has no model.safetensors; the training run that wrote it did not finish '
-                         f'an epoch.')
-    model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True)
-    return model.to(device).eval()
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        unfinished = (folder.parent / 'args.yaml').is_file()
+        raise ValueError(f'{path!r} has no weights ({" or ".join(WEIGHT_FILES[:2])})'
+                         + ('; the training run that wrote it did not finish an epoch.' if unfinished else '.'))
+    return folder
 
 
 def label_names(model: nn.Module) -> List[str]:
@@ -121,23 +135,25 @@ def _save_figure(fig, path: str) -> None:
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format='png', dpi=100))
 
 
-MODEL_DIR_HELP = ('model folder written by dynamixer train (OUTPUT/model or OUTPUT), or a model whose weights ship '
-                  'with the package: dynamixer_cifar_xs.cifar10_1h')
+MODEL_DIR_HELP = ('model folder written by dynamixer train (OUTPUT/model or OUTPUT) or by timm.models.save_for_hf, '
+                  'or a model whose weights ship with the package: dynamixer_cifar_xs.cifar10_1h')
 
 
 def add_arguments(parser) -> None:
+    from dynamixer.cli import number
     parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
     parser.add_argument('--data', default='digits',
                         help='digits, cifar10, cifar100, or an ImageFolder path (its val/ split is evaluated)')
     parser.add_argument('--data-dir', default='data', help='where cifar10/cifar100 are downloaded')
-    parser.add_argument('--val-split', type=float, default=0.,
+    parser.add_argument('--val-split', type=number(at_least=0, below=1), default=0.,
                         help='for a folder with no val/: the held-out fraction (use the value training used)')
-    parser.add_argument('--split-seed', type=int, default=0, help='seed of the --val-split hold-out (as in training)')
-    parser.add_argument('--batch-size', type=int, default=256, help='images per batch')
-    parser.add_argument('--workers', type=int, default=2, help='data loader worker processes')
+    parser.add_argument('--split-seed', type=number(int, at_least=0), default=0,
+                        help='seed of the --val-split hold-out (as in training)')
+    parser.add_argument('--batch-size', type=number(int, at_least=1), default=256, help='images per batch')
+    parser.add_argument('--workers', type=number(int, at_least=0), default=2, help='data loader worker processes')
     parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument('--confusion', default=None,
-                        help='where to write the confusion-matrix PNG (default: MODEL_DIR/../confusion.png)')
+                        help='where to write the confusion-matrix PNG (default: confusion.png in the training run)')
     parser.add_argument('--tta-flip', action='store_true',
                         help='average the logits of each image and its mirror image (test-time augmentation)')
     parser.add_argument('--json', action='store_true', help='print the metrics as one JSON object')
@@ -168,7 +184,8 @@ def run(args) -> None:
     loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
     sums = evaluate(model, loader, device, len(classes), progress=sys.stderr.isatty(), tta_flip=args.tta_flip)
     metrics = summarize(sums)
-    png = args.confusion or os.path.join(os.path.dirname(os.path.abspath(args.model_dir)), 'confusion.png')
+    folder = model_folder(args.model_dir)  # the run folder holds the plot, whether the run or its model/ is given
+    png = args.confusion or str(folder.parent / 'confusion.png' if folder else f'confusion-{args.model_dir}.png')
     save_confusion_png(sums['confusion'], classes, png,
                        title=f'{splits.name} val: top-1 {metrics["top1"]:.2f}%')
     metrics.update(confusion_png=png, unreadable=len(sums['unreadable']), tta_flip=args.tta_flip)

@@ -9,14 +9,14 @@ import sys
 from typing import Any, Dict, List
 
 import torch
-from PIL import Image
 
 
 def add_arguments(parser) -> None:
+    from dynamixer.cli import number
     parser.add_argument('images', nargs='+', help='image files to classify')
     from dynamixer.evaluate import MODEL_DIR_HELP
     parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
-    parser.add_argument('--topk', type=int, default=5, help='how many classes to show per image')
+    parser.add_argument('--topk', type=number(int, at_least=1), default=5, help='how many classes to show per image')
     parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda'")
     parser.add_argument('--json', action='store_true', help='one JSON object per line: file, and top-k '
                                                             'label/index/probability')
@@ -25,26 +25,20 @@ def add_arguments(parser) -> None:
 @torch.no_grad()
 def predict(model: torch.nn.Module, paths: List[str], topk: int, device: torch.device) -> List[Dict[str, Any]]:
     from timm.data import resolve_data_config
-    from dynamixer.data import eval_transform
+    from dynamixer.data import eval_transform, open_image
     from dynamixer.evaluate import label_names
     config = resolve_data_config(model=model)
     transform = eval_transform(config)
-    mode = 'L' if config['input_size'][0] == 1 else 'RGB'
     names = label_names(model)
     k = min(topk, len(names))
     results = []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                x = transform(image.convert(mode)).unsqueeze(0).to(device)
-        except FileNotFoundError:
-            raise FileNotFoundError(f'image {path!r} does not exist.') from None
-        except OSError as e:
-            raise ValueError(f'could not read {path!r} as an image ({e}).') from None
-        probs = model(x).float().softmax(dim=-1)[0]
+        image, note = open_image(path, config)
+        probs = model(transform(image).unsqueeze(0).to(device)).float().softmax(dim=-1)[0]
         p, idx = probs.topk(k)
         results.append(dict(file=path, top=[dict(label=names[i], index=i, prob=round(q, 6))
-                                            for q, i in zip(p.tolist(), idx.tolist())]))
+                                            for q, i in zip(p.tolist(), idx.tolist())],
+                            **({'warning': note} if note else {})))
     return results
 
 
@@ -54,6 +48,8 @@ def run(args) -> None:
     model = load_model_dir(args.model_dir, device)
     for path in args.images:  # one at a time, so results come out before any bad file stops the run
         result = predict(model, [path], args.topk, device)[0]
+        if 'warning' in result:
+            print(f'warning: {result["warning"]}', file=sys.stderr)
         if args.json:
             print(json.dumps(result))
             continue

@@ -67,7 +67,7 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
 # Optimiser steps timed to plan a --time-budget run: from CALIBRATION[0] (compiled, allocator warm) to CALIBRATION[1].
 CALIBRATION = (10, 50)
 
-NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', '_run', '_explicit'}
+NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', 'overwrite', '_run', '_explicit'}
 CHECKPOINT = 'checkpoint.pth'
 
 
@@ -86,6 +86,7 @@ def _tracked(action_cls: type) -> type:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from timm.utils import ParseKwargs
+    from dynamixer.cli import number
     for name, cls in ((None, argparse._StoreAction), ('store', argparse._StoreAction),
                       ('store_true', argparse._StoreTrueAction)):
         parser.register('action', name, _tracked(cls))
@@ -94,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('recipe and config')
     g.add_argument('--recipe', default='default', choices=sorted(RECIPES),
                    help='base settings: default (small CPU runs; on digits also ' + ' '.join(
-                       f'{k}={v}' for k, v in DIGITS_DEFAULTS.items()) + '), paper (official ImageNet: AdamW 2e-3, 300 epochs, '
+                        f'{k}={v}' for k, v in DIGITS_DEFAULTS.items()) + '), paper (official ImageNet: AdamW 2e-3, 300 epochs, '
                         'RandAugment, mixup/cutmix, EMA, amp), finetune (official transfer: SGD 0.01, backbone '
                         'at 0.01x, 60 epochs; needs --init-checkpoint)')
     g.add_argument('--config', default=None, help='YAML file of settings (keys as the flag names, - or _); '
@@ -104,17 +105,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='digits (scikit-learn, 8x8), cifar10, cifar100 (torchvision, downloaded into --data-dir), '
                         'or a folder with train/ and val/ (or only train/ with --val-split), one sub-folder per class')
     g.add_argument('--data-dir', default='data', help='download folder for cifar10/cifar100')
-    g.add_argument('--val-split', type=float, default=0.,
+    g.add_argument('--val-split', type=number(at_least=0, below=1), default=0.,
                    help='hold out this stratified fraction of train/ for validation (a folder without val/); '
                         'digits always holds out 20%% unless set')
-    g.add_argument('--split-seed', type=int, default=0,
+    g.add_argument('--split-seed', type=number(int, at_least=0), default=0,
                    help='seed of the --val-split hold-out (and --limit-* subsets); kept apart from --seed so that '
                         'runs of different seeds are measured on the same held-out images')
-    g.add_argument('--limit-train', type=int, default=None,
+    g.add_argument('--limit-train', type=number(int, at_least=1), default=None,
                    help='train on a stratified subset of this many images (quick trials)')
-    g.add_argument('--limit-val', type=int, default=None, help='validate on a stratified subset of this many images')
-    g.add_argument('--in-chans', type=int, default=None, help='1 (grayscale) or 3; default: 1 for digits, else 3')
-    g.add_argument('--img-size', type=int, default=None,
+    g.add_argument('--limit-val', type=number(int, at_least=1), default=None,
+                   help='validate on a stratified subset of this many images')
+    g.add_argument('--in-chans', type=int, choices=[1, 3], default=None,
+                   help='1 (grayscale) or 3; default: 1 for digits, else 3')
+    g.add_argument('--img-size', type=number(int, at_least=1), default=None,
                    help="input size; default: 8 for digits, else the model's (32 for dynamixer_cifar_*, 224 for S/M/L)")
     g.add_argument('--data-path', default='auto', choices=['auto', 'tensor', 'files'],
                    help="'tensor': decode the images once into a uint8 tensor cached in --cache-dir and augment "
@@ -124,58 +127,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--cache-dir', default=None,
                    help='where --data-path tensor keeps decoded folders (default: $XDG_CACHE_HOME/dynamixer or '
                         '~/.cache/dynamixer); keyed by the files, rebuilt when any image changes')
-    g.add_argument('--workers', type=int, default=None, help='data loader processes per rank (default: 0 for '
-                                                             'digits, else min(4, CPUs))')
+    g.add_argument('--workers', type=number(int, at_least=0), default=None,
+                   help='data loader processes per rank (default: 0 for '
+                        'digits, else min(4, CPUs))')
     g = parser.add_argument_group('model')
-    g.add_argument('--model', default='dynamixer_cifar_t', help='DynaMixer variant (dynamixer list: s, m, l, cifar_t, '
-                                                                'cifar_s)')
+    g.add_argument('--model', default='dynamixer_cifar_t',
+                   help='DynaMixer variant: dynamixer_s/m/l (ImageNet, 224), dynamixer_cifar_xs/t/s (32 x 32); '
+                        'dynamixer list shows their sizes')
     g.add_argument('--model-kwargs', nargs='*', default=None, action=_tracked(ParseKwargs),
                    help='constructor overrides as key=value, e.g. depths="(1,1,1,1)" embed_dims="(32,32,64,64)" '
-                        '(default for digits: ' + ' '.join(f'{k}={v}' for k, v in DIGITS_MODEL_KWARGS.items()).replace(' ', '') + ')')
+                        '(default for digits: ' + ' '.join(f'{k}={str(v).replace(" ", "")}'
+                        for k, v in DIGITS_MODEL_KWARGS.items()) + ')')
     g.add_argument('--init-checkpoint', default=None,
                    help='start from these weights (our .safetensors, a model/ folder, or an official .pth); '
                         'resampled to --img-size; the head is re-initialised when the class count differs '
                         'and always with --recipe finetune')
-    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate (grows linearly over blocks)')
-    g.add_argument('--drop', type=float, default=0., help='dropout before the classifier')
+    g.add_argument('--drop-path', type=number(at_least=0, below=1), default=0.1,
+                   help='stochastic depth rate (grows linearly over blocks)')
+    g.add_argument('--drop', type=number(at_least=0, below=1), default=0., help='dropout before the classifier')
     g = parser.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=40, help='training epochs')
-    g.add_argument('--batch-size', type=int, default=64,
+    g.add_argument('--epochs', type=number(int, at_least=1), default=40, help='training epochs')
+    g.add_argument('--batch-size', type=number(int, at_least=1), default=64,
                    help='TOTAL images per optimiser step, over all processes and --accum-steps')
-    g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation micro-steps per optimiser step')
+    g.add_argument('--accum-steps', type=number(int, at_least=1), default=1,
+                   help='gradient accumulation micro-steps per optimiser step')
     g.add_argument('--opt', default='adamw', help='timm optimiser name (adamw, sgd, lamb, ...)')
-    g.add_argument('--lr', type=float, default=2e-3, help='peak learning rate')
-    g.add_argument('--backbone-lr-scale', type=float, default=1.,
+    g.add_argument('--lr', type=number(above=0), default=2e-3, help='peak learning rate')
+    g.add_argument('--backbone-lr-scale', type=number(at_least=0), default=1.,
                    help='learning rate of everything but the head, relative to --lr (finetune: 0.01)')
-    g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (not on biases and norms)')
-    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
+    g.add_argument('--weight-decay', type=number(at_least=0), default=0.05,
+                   help='weight decay (not on biases and norms)')
+    g.add_argument('--momentum', type=number(at_least=0, below=1), default=0.9, help='SGD momentum')
+    g.add_argument('--clip-grad', type=number(above=0), default=None, help='clip the gradient norm to this value')
     g.add_argument('--sched', default='cosine', help='timm scheduler: cosine, step, plateau, ...')
-    g.add_argument('--time-budget', type=float, default=None, metavar='MIN',
+    g.add_argument('--time-budget', type=number(above=0), default=None, metavar='MIN',
                    help='finish the whole run (data loading, compilation, training, validation) within MIN '
                         'minutes: --epochs is set from the step time measured at the start, so the schedule '
                         'completes; --epochs stays an upper bound')
-    g.add_argument('--warmup-epochs', type=float, default=2, help='linear warm-up epochs, from --warmup-lr')
-    g.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
-    g.add_argument('--min-lr', type=float, default=1e-5, help='final learning rate of the cosine')
+    g.add_argument('--warmup-epochs', type=number(at_least=0), default=2,
+                   help='linear warm-up epochs, from --warmup-lr')
+    g.add_argument('--warmup-lr', type=number(at_least=0), default=1e-6, help='learning rate at the start of warm-up')
+    g.add_argument('--min-lr', type=number(at_least=0), default=1e-5, help='final learning rate of the cosine')
     g = parser.add_argument_group('augmentation and regularisation')
     g.add_argument('--crop', default='auto', choices=['auto', 'rrc', 'pad', 'none'],
                    help="'rrc': timm's random resized crop pipeline (ImageNet); 'pad': pad-and-crop for small images; "
                         "'none': no crop (a one-pixel shift is an eighth of a digit); "
                         "'auto': none for digits, pad for other inputs <= 64 px (CIFAR), else rrc")
-    g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random resized crop area range (rrc)')
-    g.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (default: 0 for digits, '
-                                                             'else 0.5)')
+    g.add_argument('--scale', type=number(above=0, at_most=1), nargs=2, default=(0.08, 1.0),
+                   help='random resized crop area range (rrc)')
+    g.add_argument('--hflip', type=number(at_least=0, at_most=1), default=None,
+                   help='horizontal flip probability (default: 0 for digits, '
+                        'else 0.5)')
     g.add_argument('--aa', default=None, help='timm auto-augment policy (rrc), e.g. rand-m9-mstd0.5-inc1')
-    g.add_argument('--color-jitter', type=float, default=0., help='colour jitter strength (rrc, without --aa)')
-    g.add_argument('--cutout', type=int, default=0, help='cutout square side in pixels (--data-path tensor)')
-    g.add_argument('--reprob', type=float, default=0., help='random erasing probability')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    g.add_argument('--mixup', type=float, default=0., help='mixup alpha (0: off)')
-    g.add_argument('--cutmix', type=float, default=0., help='cutmix alpha (0: off)')
+    g.add_argument('--color-jitter', type=number(at_least=0), default=0.,
+                   help='colour jitter strength (rrc, without --aa)')
+    g.add_argument('--cutout', type=number(int, at_least=0), default=0,
+                   help='cutout square side in pixels (--data-path tensor)')
+    g.add_argument('--reprob', type=number(at_least=0, at_most=1), default=0., help='random erasing probability')
+    g.add_argument('--smoothing', type=number(at_least=0, below=1), default=0.1, help='label smoothing')
+    g.add_argument('--mixup', type=number(at_least=0), default=0., help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=number(at_least=0), default=0., help='cutmix alpha (0: off)')
     g.add_argument('--model-ema', action=boolean, default=False, help='keep an EMA of the weights; validate and '
                                                                       'save the EMA')
-    g.add_argument('--model-ema-decay', type=float, default=0.998, help='EMA decay per optimiser step')
+    g.add_argument('--model-ema-decay', type=number(at_least=0, below=1), default=0.998,
+                   help='EMA decay per optimiser step')
     g = parser.add_argument_group('speed and precision')
     g.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16', 'auto'],
                    help='mixed precision (fp16 uses a gradient scaler); auto: bf16 on a GPU that has it or a CPU '
@@ -183,23 +198,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--compile', action=boolean, default=False, help='torch.compile the model')
     g.add_argument('--grad-checkpointing', action=boolean, default=False,
                    help='recompute activations in backward to save memory')
-    g.add_argument('--threads', type=int, default=None, help="CPU threads per process (default: torch's choice; "
-                                                             "1 for digits)")
+    g.add_argument('--threads', type=number(int, at_least=1), default=None,
+                   help="CPU threads per process (default: torch's choice; "
+                        "1 for digits)")
     g.add_argument('--device', default='auto', help="'auto' (the rank's GPU if any, else cpu), 'cpu', 'cuda'")
     g = parser.add_argument_group('run')
-    g.add_argument('--output', default='runs/digits', help='output folder')
+    g.add_argument('--output', default=None,
+                   help='output folder (default: runs/DATA, e.g. runs/digits, numbered runs/DATA-2, -3, ... when '
+                        'that already holds a run); a folder that holds a run needs --resume or --overwrite')
     g.add_argument('--resume', action='store_true',
                    help='continue from OUTPUT/checkpoint.pth with the settings of OUTPUT/args.yaml (flags given '
                         'now still win, e.g. --epochs to train longer)')
+    g.add_argument('--overwrite', action='store_true',
+                   help='replace the run in --output (its model, metrics, plots and checkpoint are deleted first)')
     g.add_argument('--save-model', default='best', choices=['best', 'last'],
                    help="what OUTPUT/model holds: the epoch with the best val top-1 ('best'), or the last epoch "
                         "('last': no selection on the validation images, for reporting held-out accuracy)")
-    g.add_argument('--checkpoint-every', type=int, default=0,
+    g.add_argument('--checkpoint-every', type=number(int, at_least=0), default=0,
                    help='also checkpoint every N optimiser steps within an epoch (0: at the end of each epoch only)')
-    g.add_argument('--seed', type=int, default=0, help='seed of initialisation, data order and augmentation')
+    g.add_argument('--seed', type=number(int, at_least=0, below=2**32), default=0,
+                   help='seed of initialisation, data order and augmentation')
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic algorithms, so that a killed and resumed run ends with the same bits')
     g.add_argument('--progress', action=boolean, default=True, help='show a progress bar per epoch')
+    for action in parser._actions:  # the digits run (no --data, default recipe) has defaults of its own
+        if action.dest in DIGITS_DEFAULTS and 'default' not in action.help:
+            shown = {False: 'off', True: 'on'}.get(action.default, action.default)
+            digits = {False: 'off', True: 'on'}.get(DIGITS_DEFAULTS[action.dest], DIGITS_DEFAULTS[action.dest])
+            action.help += f' (default: {shown}; {digits} for digits)'
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,17 +242,43 @@ def _read_yaml(path: Path, what: str) -> Dict[str, Any]:
     return {k.replace('-', '_'): v for k, v in data.items()}
 
 
+def check_values(settings: Dict[str, Any], source: str) -> None:
+    """The limits the flags enforce, applied to settings from a file."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for action in parser._actions:
+        if action.dest not in settings or settings[action.dest] is None:
+            continue
+        value = settings[action.dest]
+        for item in (value if isinstance(value, (list, tuple)) and action.nargs else [value]):
+            try:
+                if hasattr(action.type, 'what'):
+                    action.type(item)
+                if action.choices is not None and item not in action.choices:
+                    raise argparse.ArgumentTypeError(f'expected one of {", ".join(map(str, action.choices))}')
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f'{action.dest}: {item!r} in {source}: {str(e).split(", got")[0]}.') from None
+
+
 def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     """Flag defaults < recipe (with the digits defaults for the default recipe on digits) < --config < saved
     args.yaml (with --resume) < flags given on the command line."""
     explicit = getattr(args, '_explicit', set())
     defaults = {k: v for k, v in vars(args).items() if k not in NOT_HYPERPARAMETERS}
     config = _read_yaml(Path(args.config), 'config file') if args.config else {}
-    saved = _read_yaml(Path(args.output) / 'args.yaml', 'saved settings') if args.resume else {}
+    saved = {}
+    if args.resume:
+        if args.output is None:
+            raise ValueError('--resume continues the run in --output; give its folder, e.g. --output runs/digits.')
+        if not (Path(args.output) / 'args.yaml').is_file():
+            raise ValueError(f'--resume: {args.output} holds no run to continue (no args.yaml); start a new run '
+                             f'without --resume, or give the --output of the run to continue.')
+        saved = _read_yaml(Path(args.output) / 'args.yaml', 'saved settings')
     unknown = sorted(set(config) - set(defaults))
     if unknown:
         raise ValueError(f'unknown setting(s) {", ".join(unknown)} in {args.config}; use flag names '
                          f'(dynamixer train --help).')
+    check_values(config, args.config)
 
     def pick(key: str) -> Any:
         if key in explicit:
@@ -244,7 +296,52 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
                          '(a model/ folder, .safetensors or official .pth).')
     for key in ('scale',):
         layered[key] = list(layered[key])
-    return argparse.Namespace(**layered, resume=args.resume)
+    return argparse.Namespace(**layered, resume=args.resume, overwrite=args.overwrite)
+
+
+# Files and folders a run writes; a folder that holds one of the first four holds a run.
+RUN_FILES = ('args.yaml', 'checkpoint.pth', 'metrics.jsonl', 'model', 'model_last', 'curves.png', 'confusion.png')
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES[:4])
+
+
+def choose_output(output: Optional[str], data: str, resume: bool, overwrite: bool) -> Path:
+    """Where a run writes. Never onto an earlier run: the default runs/DATA is numbered (runs/DATA-2, ...)
+    past folders that hold one, and an explicit folder that holds one needs --resume or --overwrite."""
+    if output is None:
+        base = Path('runs') / (Path(data).name or 'data')
+        out, n = base, 1
+        while holds_run(out):
+            n += 1
+            out = base.with_name(f'{base.name}-{n}')
+        return out
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'--output {output} is a file; give a folder.')
+    if holds_run(out) and not (resume or overwrite):
+        raise ValueError(f'--output {output} holds an earlier run; continue it with --resume, replace it with '
+                         f'--overwrite, or choose another --output.')
+    return out
+
+
+def save_settings(cfg: argparse.Namespace, out: Path) -> None:
+    """OUTPUT/args.yaml: every setting of the run, what --resume reads back."""
+    import yaml
+    write_text(out / 'args.yaml', yaml.safe_dump({k: v for k, v in vars(cfg).items() if k not in NOT_HYPERPARAMETERS},
+                                                 sort_keys=False))
+
+
+def clear_run(folder: Path) -> None:
+    """Delete what an earlier run wrote (for --overwrite), so that none of it is mistaken for the new run's."""
+    import shutil
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,11 +462,12 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     epochs = [h['epoch'] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h['train_loss'] for h in history], label='train')
-    ax1.plot(epochs, [h['val_loss'] for h in history], label='val')
+    marker = 'o' if len(epochs) < 30 else None  # a line through one point draws nothing
+    ax1.plot(epochs, [h['train_loss'] for h in history], label='train', marker=marker)
+    ax1.plot(epochs, [h['val_loss'] for h in history], label='val', marker=marker)
     ax1.set_xlabel('epoch'), ax1.set_ylabel('loss'), ax1.legend()
-    ax2.plot(epochs, [h['val_top1'] for h in history], label='val top-1')
-    ax2.plot(epochs, [h['val_top5'] for h in history], label='val top-5')
+    ax2.plot(epochs, [h['val_top1'] for h in history], label='val top-1', marker=marker)
+    ax2.plot(epochs, [h['val_top5'] for h in history], label='val top-5', marker=marker)
     ax2.set_xlabel('epoch'), ax2.set_ylabel('accuracy (%)'), ax2.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
@@ -451,7 +549,6 @@ class _Params(nn.Module):
 def run(args: argparse.Namespace) -> None:
     t_start = time.time()  # a --time-budget counts from here: data loading and compilation included
     cfg = resolve_settings(args)
-    out = Path(cfg.output)
 
     # -- processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; one process otherwise
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -467,6 +564,20 @@ def run(args: argparse.Namespace) -> None:
         rank, world, device = 0, 1, resolve_device(cfg.device)
     master = rank == 0
     try:
+        # rank 0 alone looks at the folder (the others would see its new files) and tells them the verdict
+        verdict = ['', '']
+        if master:
+            try:
+                verdict[0] = str(choose_output(cfg.output, cfg.data, cfg.resume, cfg.overwrite))
+            except ValueError as e:
+                verdict[1] = str(e)
+        if ddp:
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[1]:
+            raise ValueError(verdict[1])
+        cfg.output, out = verdict[0], Path(verdict[0])
+        if master and cfg.overwrite and not cfg.resume:
+            clear_run(out)
         _train(cfg, out, rank, world, device, ddp, master, t_start)
     finally:
         if ddp and dist.is_initialized():
@@ -582,7 +693,9 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     if cfg.resume:
         if not ckpt_path.is_file():
             raise ValueError(f'nothing to resume: {ckpt_path} does not exist; start without --resume.')
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        from dynamixer.convert import torch_load
+        ckpt = torch_load(ckpt_path, 'a training checkpoint', 'the checkpoint.pth that dynamixer train writes; '
+                          'restore it or start again without --resume')
         try:
             raw_model.load_state_dict(ckpt['model'])
             if ema is not None and ckpt.get('ema') is not None:
@@ -598,17 +711,19 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         if cfg.time_budget and planned:  # the budget was spent on the interrupted run's plan
             scheduler = make_scheduler(cfg.epochs)
         best_top1, history, running = ckpt['best_top1'], list(ckpt['history']), dict(ckpt['running'])
-        if master:
-            set_rng_state(ckpt['rng'])
-        else:  # only rank 0's RNG is saved; other ranks continue from a fresh, distinct stream
+        saved_ranks = ckpt.get('ranks') or [dict(rng=ckpt['rng'], running=running)]
+        if rank < len(saved_ranks) and len(saved_ranks) == world:
+            set_rng_state(saved_ranks[rank]['rng'])
+            running = dict(saved_ranks[rank]['running'])
+        elif master:  # resumed with another process count: rank 0 continues its stream, the others start anew
+            set_rng_state(saved_ranks[0]['rng'])
+        else:
             seed_everything(cfg.seed + 1000 * rank + global_step)
         log(f'resumed from {ckpt_path}: epoch {start_epoch + 1}, step {step_in_epoch}/{steps_per_epoch}')
     else:
         seed_everything(cfg.seed + rank)  # distinct augmentation and drop-path per rank
     if master:
-        import yaml
-        settings = {k: v for k, v in vars(cfg).items() if k != 'resume'}
-        write_text(out / 'args.yaml', yaml.safe_dump(settings, sort_keys=False))
+        save_settings(cfg, out)
 
     if cfg.compile:
         model = torch.compile(model)
@@ -617,15 +732,22 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
             model, device_ids=[device.index] if device.type == 'cuda' else None)
 
     def save_checkpoint(epoch: int, step: int) -> None:
+        """Called on every rank: each one's RNGs and running loss go in, so that a resumed DDP run is bitwise
+        the run it continues; rank 0 writes."""
+        ranks = [dict(rng=rng_state(), running=dict(running))]
+        if ddp:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, dict(rng=rng_state(), running=dict(running)))
+        if not master:
+            return
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                      ema=ema.module.state_dict() if ema is not None else None,
                      epoch=epoch, step_in_epoch=step, global_step=global_step, best_top1=best_top1,
-                     history=history, running=running, rng=rng_state(), settings=json.dumps(vars(cfg)),
-                     planned=planned)
+                     history=history, running=running, rng=ranks[0]['rng'], ranks=ranks,
+                     settings=json.dumps(vars(cfg)), planned=planned)
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
-    fault_step = int(os.environ.get('DYNAMIXER_FAULT_NAN_AT_STEP', -1))  # test hook: inject a NaN loss
     warned = set()
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f'{cfg.model}: {n_params / 1e6:.2f}M parameters, input {tuple(data_config["input_size"])}; '
@@ -642,9 +764,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
             epochs = int(agreed.item())
         cfg.epochs, scheduler = epochs, make_scheduler(epochs)
         if master:
-            import yaml
-            write_text(out / 'args.yaml', yaml.safe_dump(
-                {k: v for k, v in vars(cfg).items() if k != 'resume'}, sort_keys=False))
+            save_settings(cfg, out)
 
     calibration = (min(CALIBRATION[0], steps_per_epoch - 1), min(CALIBRATION[1], steps_per_epoch))
     planned_at = None  # (epoch, time) at the end of the epoch in which the budget was planned
@@ -675,8 +795,11 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                     tqdm.write(f'warning: skipped unreadable image {b.path} ({b.reason})', file=sys.stderr)
             micro += 1
             last_micro = micro % cfg.accum_steps == 0
-            if len(targets) == 0:
+            blank = len(targets) == 0  # every image of the batch was unreadable
+            if blank and not ddp:
                 continue
+            if blank:  # every rank must join DDP's gradient all-reduce: a zero-weight step on blank images
+                images, targets = torch.zeros(2, *data_config['input_size']), torch.zeros(2, dtype=torch.long)
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             soft = targets
             if mixup is not None:
@@ -686,9 +809,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
             sync = nullcontext() if (not ddp or last_micro) else model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = loss_fn(model(images), soft)
-                if global_step == fault_step:
-                    loss = loss * float('nan')
+                    loss = loss_fn(model(images), soft) * (0. if blank else 1.)
                 bad_loss = torch.tensor(float(not torch.isfinite(loss).item()), device=device)
                 if ddp:  # every rank must stop together, or the others wait forever in all-reduce
                     dist.all_reduce(bad_loss)
@@ -698,9 +819,10 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                         f'step {global_step + 1}); training stopped. The last good checkpoint is {ckpt_path} '
                         f'(continue with --resume); lower --lr or set --clip-grad.')
                 scaler.scale(loss / cfg.accum_steps).backward()
-            running['loss_sum'] += loss.item() * len(targets)
-            running['samples'] += len(targets)
-            seen_now += len(targets)
+            counted = 0 if blank else len(targets)
+            running['loss_sum'] += loss.item() * counted
+            running['samples'] += counted
+            seen_now += counted
             if not last_micro:
                 continue
             scheduler.step_update(num_updates=global_step)  # this step's learning rate
@@ -727,8 +849,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                                f'{time.time() - t_start:.0f}s spent, so {cfg.epochs} epochs')
             bar.update(1)
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2e}')
-            if (master and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0
-                    and step_in_epoch < steps_per_epoch):
+            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
                 save_checkpoint(epoch, step_in_epoch)
         bar.close()
         train_time = time.time() - t0
@@ -759,7 +880,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                 save_model_dir(ema.module if ema is not None else raw_model, out / 'model', classes)
             write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in history))
             plot_curves(history, out / 'curves.png')
-            save_checkpoint(epoch + 1, 0)
+        save_checkpoint(epoch + 1, 0)
         epoch += 1
         if planned_at is None and planned:
             planned_at = (epoch, time.time())  # epochs after this one show the steady speed
@@ -775,9 +896,14 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
 
     if ddp:
         dist.barrier()  # rank 0 has written everything before anyone reports done
-    hash_dir = os.environ.get('DYNAMIXER_WEIGHTS_HASH_DIR')  # test hook: proves ranks hold the same weights
-    if hash_dir:
-        write_text(Path(hash_dir) / f'rank{rank}.txt', weights_hash(raw_model))
+    if ddp:  # data parallelism must end with identical replicas: say so, or stop loudly
+        hashes = [None] * world
+        dist.all_gather_object(hashes, weights_hash(raw_model))
+        if len(set(hashes)) > 1:
+            raise RuntimeError(f'the {world} processes ended with different weights '
+                               f'({", ".join(h[:12] for h in hashes)}); the saved model is rank 0\'s. This is a bug: '
+                               f'please report it.')
+        log(f'all {world} processes hold the same weights (sha256 {hashes[0][:12]})')
     n_bad = torch.tensor(float(len(warned)), device=device)
     if ddp:
         dist.all_reduce(n_bad)

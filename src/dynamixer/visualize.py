@@ -11,7 +11,7 @@ The matrices are exactly ``DynaMixerOp.mixing_matrix`` applied to the block's no
 over its line sum to 1. ``block_mixing_matrices`` returns them as arrays.
 """
 import argparse
-import os
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -27,16 +27,13 @@ __all__ = ['load_model', 'load_image', 'parse_block', 'parse_token', 'block_mixi
 def load_image(model: torch.nn.Module, image_path: str) -> Tuple[torch.Tensor, np.ndarray]:
     """The image through the model's own eval preprocessing: the input batch (1, C, H, W), and the same
     pixels un-normalised for display (H, W, C in [0, 1])."""
-    from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_data_config
-    if not os.path.isfile(image_path):
-        raise FileNotFoundError(f'image {image_path} does not exist.')
-    try:
-        image = Image.open(image_path).convert('RGB')
-    except UnidentifiedImageError:
-        raise ValueError(f'{image_path} is not an image that PIL can read.') from None
+    from timm.data import resolve_data_config
+    from dynamixer.data import eval_transform, open_image
     config = resolve_data_config({}, model=model)
-    x = create_transform(**config)(image).unsqueeze(0)
+    image, note = open_image(image_path, config)
+    if note:
+        print(f'warning: {note}', file=sys.stderr)
+    x = eval_transform(config)(image).unsqueeze(0)
     mean = torch.tensor(config['mean']).view(-1, 1, 1)
     std = torch.tensor(config['std']).view(-1, 1, 1)
     shown = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -218,6 +215,7 @@ def visualize(model_dir: str, image_path: str, block: str = '0.0', token: Option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dynamixer.cli import number
     parser.add_argument('image', help='image file to run through the model')
     from dynamixer.evaluate import MODEL_DIR_HELP
     parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
@@ -225,8 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--token', default=None,
                         help="ROW,COL on the block's token grid (default: the centre token)")
     parser.add_argument('--output', default='mixing.png', help='PNG to write')
-    parser.add_argument('--max-segments', type=int, default=8, help='draw at most this many segments')
-    parser.add_argument('--dpi', type=int, default=110)
+    parser.add_argument('--max-segments', type=number(int, at_least=1), default=8,
+                        help='draw at most this many segments')
+    parser.add_argument('--dpi', type=number(int, at_least=10), default=110)
 
 
 def run(args: argparse.Namespace) -> int:
