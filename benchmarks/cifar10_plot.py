@@ -1,6 +1,6 @@
 """Held-out top-1 against wall-clock minutes for time-budgeted training runs (docs/cifar10.md's plot).
 
-    python benchmarks/cifar10_plot.py runs/cifar10_s0 runs/cifar10_s1 --output docs/images/cifar10_time.png
+    python benchmarks/cifar10_plot.py runs/cifar10_s0='seed 0' runs/cifar10_s1='seed 1' --output docs/images/cifar10_time.png
 
 Each run folder's metrics.jsonl gives one curve (its ``wall_min`` is measured from the start of the run, so
 data loading and compilation are on the x axis too).
@@ -19,24 +19,26 @@ from dynamixer.io import atomic_write  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('runs', nargs='+', help='run folders (OUTPUT of dynamixer train)')
+    parser.add_argument('runs', nargs='+', help='run folders (OUTPUT of dynamixer train), each optionally '
+                                                'followed by =LABEL for its legend entry')
     parser.add_argument('--output', default='docs/images/cifar10_time.png', help='PNG to write')
     parser.add_argument('--target', type=float, default=85., help='accuracy line to draw (%%)')
     parser.add_argument('--budget', type=float, default=60., help='time budget line to draw (minutes)')
     args = parser.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for run in args.runs:
+    for spec in args.runs:
+        run, _, label = spec.partition('=')
         rows = [json.loads(line) for line in (Path(run) / 'metrics.jsonl').read_text().splitlines()]
         settings = (Path(run) / 'args.yaml').read_text()
         seed = next((line.split(':')[1].strip() for line in settings.splitlines() if line.startswith('seed:')), '?')
         ax.plot([r['wall_min'] for r in rows], [r['val_top1'] for r in rows], marker='.',
-                label=f'seed {seed}: {rows[-1]["val_top1"]:.2f}% after {rows[-1]["wall_min"]:.1f} min')
+                label=f'{label or "seed " + seed}: {rows[-1]["val_top1"]:.2f}% after {rows[-1]["wall_min"]:.1f} min')
     ax.axhline(args.target, color='grey', ls='--', lw=0.8)
     ax.axvline(args.budget, color='grey', ls=':', lw=0.8)
     ax.set_xlabel('wall-clock minutes (data loading and compilation included)')
     ax.set_ylabel('held-out top-1 (%)')
     ax.set_ylim(40, 100)
-    ax.set_title('dynamixer_cifar_xs, --recipe cifar, 2-core CPU')
+    ax.set_title('dynamixer_cifar_xs, dynamixer train --recipe cifar, 2-core CPU')
     ax.grid(alpha=0.3)
     ax.legend(loc='lower right')
     fig.tight_layout()

@@ -1,0 +1,472 @@
+"""Bad inputs and faults, each tried for real: the exact message it gets and what survives it.
+
+Every case asserts its own behaviour, and together they produce the table in docs/robustness.md:
+``test_the_docs_table_is_the_one_these_cases_produce`` fails when the doc and the cases disagree
+(``UPDATE_DOCS=1 pytest tests/test_robustness.py`` rewrites the table from the cases).
+"""
+import errno
+import os
+import shutil
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_MODEL, child_pids, make_image_folder, train_args, write_corrupt_jpeg
+from dynamixer import cli
+
+DOC = Path(__file__).resolve().parent.parent / 'docs' / 'robustness.md'
+BEGIN, END = '<!-- table: made by tests/test_robustness.py -->', '<!-- end of table -->'
+TINY_RUN = ('--epochs', '1', '--batch-size', '12')
+
+
+@dataclass
+class Row:
+    what: str  # the bad input or the fault
+    command: str  # what the user ran (DIR: a folder of theirs)
+    message: str  # exactly what they were told
+    survives: str  # what is left, and how to go on
+
+
+class Context:
+    """A case's workspace: a folder of its own, a finished tiny run and a trained digits model to copy."""
+
+    def __init__(self, tmp: Path, templates: Dict[str, Path], capsys, monkeypatch):
+        self.tmp, self.templates, self.capsys, self.monkeypatch = tmp, templates, capsys, monkeypatch
+
+    def copy(self, name: str) -> Path:
+        target = self.tmp / name
+        shutil.copytree(self.templates[name], target)
+        return target
+
+    def cli(self, argv: List[str]):
+        """Runs ``dynamixer ARGV``: (exit code, stdout, stderr), argparse's exits included."""
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+        captured = self.capsys.readouterr()
+        return code, captured.out, captured.err
+
+    def error(self, argv: List[str], *expected: str) -> str:
+        """The one-line error of a failing command, with the case's folder shown as DIR."""
+        code, _, err = self.cli(argv)
+        assert code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+        for part in expected:
+            assert part in err, (part, err)
+        return self.shown(err.strip())
+
+    def shown(self, text: str) -> str:
+        return text.replace(str(self.tmp), 'DIR')
+
+
+def _epoch(run: Path) -> int:
+    return torch.load(run / 'checkpoint.pth', weights_only=True)['epoch']
+
+
+CASES: Dict[str, Callable[[Context], Row]] = {}
+
+
+def case(function: Callable[[Context], Row]) -> Callable[[Context], Row]:
+    CASES[function.__name__] = function
+    return function
+
+
+# ------------------------------------------------------------------------------------------- bad numbers
+
+BAD_NUMBERS = [
+    ('a negative epoch count', ['--epochs', '-1']),
+    ('a zero batch size', ['--batch-size', '0']),
+    ('a learning rate that is not a number', ['--lr', 'nan']),
+    ('a hold-out fraction above 1', ['--val-split', '1.5']),
+    ('a seed that is not an integer', ['--seed', 'x']),
+]
+for _what, _flags in BAD_NUMBERS:
+    def _bad_number(ctx: Context, what=_what, flags=_flags) -> Row:
+        message = ctx.error(['train', *flags], f'argument {flags[0]}: expected', repr(flags[1]))
+        assert not Path('runs').exists() or not any(Path('runs').iterdir())
+        return Row(what, f'dynamixer train {" ".join(flags)}', message, 'nothing was started')
+    _bad_number.__name__ = 'bad_number_' + _flags[0].strip('-').replace('-', '_')
+    case(_bad_number)
+
+
+@case
+def bad_number_in_config(ctx: Context) -> Row:
+    config = ctx.tmp / 'settings.yaml'
+    config.write_text('epochs: 0\n')
+    message = ctx.error(['train', '--config', config], 'epochs: 0 in', 'expected an integer >= 1')
+    return Row('a bad number in a --config file', 'dynamixer train --config DIR/settings.yaml', message,
+               'nothing was started')
+
+
+@case
+def unknown_setting_in_config(ctx: Context) -> Row:
+    config = ctx.tmp / 'settings.yaml'
+    config.write_text('learning_rate: 0.1\n')
+    message = ctx.error(['train', '--config', config], 'unknown setting(s) learning_rate')
+    return Row('an unknown key in a --config file', 'dynamixer train --config DIR/settings.yaml', message,
+               'nothing was started')
+
+
+@case
+def bench_zero_iterations(ctx: Context) -> Row:
+    message = ctx.error(['bench', '--iters', '0'], 'expected an integer >= 1')
+    return Row('zero timed iterations', 'dynamixer bench --iters 0', message, 'nothing was started')
+
+
+# --------------------------------------------------------------------------------------- runs and folders
+
+@case
+def output_holds_a_finished_run(ctx: Context) -> Row:
+    run = ctx.copy('run')
+    before = (run / 'metrics.jsonl').read_text()
+    message = ctx.error(train_args(run, '--data', ctx.templates['data'], *TINY_RUN), 'holds an earlier run')
+    assert (run / 'metrics.jsonl').read_text() == before and _epoch(run) == 1
+    return Row('--output names a finished run', 'dynamixer train --output DIR/run', message,
+               'the earlier run, untouched')
+
+
+@case
+def resume_an_empty_folder(ctx: Context) -> Row:
+    (ctx.tmp / 'empty').mkdir()
+    message = ctx.error(['train', '--resume', '--output', ctx.tmp / 'empty'], 'holds no run to continue')
+    return Row('--resume where there is no run', 'dynamixer train --resume --output DIR/empty', message,
+               'nothing was started')
+
+
+@case
+def resume_without_output(ctx: Context) -> Row:
+    message = ctx.error(['train', '--resume'], '--resume continues the run in --output')
+    return Row('--resume without --output', 'dynamixer train --resume', message, 'nothing was started')
+
+
+@case
+def data_folder_missing(ctx: Context) -> Row:
+    message = ctx.error(train_args(ctx.tmp / 'run', '--data', ctx.tmp / 'nope'), 'does not exist')
+    return Row('a --data folder that does not exist', 'dynamixer train --data DIR/nope', message,
+               'nothing was written')
+
+
+@case
+def data_folder_empty(ctx: Context) -> Row:
+    (ctx.tmp / 'empty' / 'train' / 'cat').mkdir(parents=True)
+    message = ctx.error(train_args(ctx.tmp / 'run', '--data', ctx.tmp / 'empty'), 'no images found')
+    return Row('a --data folder without images', 'dynamixer train --data DIR/empty', message, 'nothing was written')
+
+
+@case
+def unknown_model(ctx: Context) -> Row:
+    message = ctx.error(['train', '--model', 'dynamixer_xl', '--output', ctx.tmp / 'run'], 'dynamixer_xl')
+    return Row('a model name that does not exist', 'dynamixer train --model dynamixer_xl', message,
+               'nothing was written')
+
+
+@case
+def batch_larger_than_the_data(ctx: Context) -> Row:
+    message = ctx.error(train_args(ctx.tmp / 'run', '--data', ctx.templates['data'], '--batch-size', '1000'),
+                        'fewer than one batch')
+    return Row('a batch larger than the training set', 'dynamixer train --data DIR/data --batch-size 1000',
+               message, 'nothing was trained')
+
+
+@case
+def finetune_without_weights(ctx: Context) -> Row:
+    message = ctx.error(['train', '--recipe', 'finetune', '--output', ctx.tmp / 'run'], '--init-checkpoint')
+    return Row('--recipe finetune without weights to start from', 'dynamixer train --recipe finetune', message,
+               'nothing was started')
+
+
+@case
+def corrupt_jpeg_in_the_data(ctx: Context) -> Row:
+    data = ctx.tmp / 'data'
+    make_image_folder(data / 'train', per_class=12)
+    write_corrupt_jpeg(data / 'train' / 'cat' / 'broken.jpg')
+    code, _, err = ctx.cli(train_args(ctx.tmp / 'run', '--data', data, '--val-split', '0.25', '--data-path', 'files',
+                                      *TINY_RUN))
+    assert code == 0 and (ctx.tmp / 'run' / 'model').is_dir()
+    warning = next(line for line in err.splitlines() if 'broken.jpg' in line)
+    return Row('an unreadable JPEG among the training images', 'dynamixer train --data DIR/data --val-split 0.25',
+               ctx.shown(warning), 'the run, without that image (reported again at the end)')
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+@case
+def disk_full_during_checkpoint(ctx: Context) -> Row:
+    run = ctx.copy('run')
+    real_save = torch.save
+
+    def save_until_full(obj, f, *args, **kwargs):
+        if '.checkpoint.pth.' in str(f):
+            Path(f).write_bytes(b'PK\x03\x04 half a checkpoint')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *args, **kwargs)
+    ctx.monkeypatch.setattr(torch, 'save', save_until_full)
+    message = ctx.error(['train', '--output', run, '--resume', '--epochs', '2', '--no-progress'],
+                        'no space left on the device', 'the previous checkpoint.pth is intact', '--resume')
+    ctx.monkeypatch.setattr(torch, 'save', real_save)
+    assert _epoch(run) == 1 and not list(run.glob('.checkpoint.pth.*'))
+    assert ctx.cli(['train', '--output', run, '--resume', '--epochs', '2', '--no-progress'])[0] == 0
+    assert _epoch(run) == 2
+    return Row('the disk fills up while a checkpoint is written', 'dynamixer train --output DIR/run --resume '
+               '--epochs 2', message, 'the previous checkpoint, whole; --resume continues from it')
+
+
+@case
+def sigkill_during_checkpoint(ctx: Context) -> Row:
+    run = ctx.copy('run')
+    script = ('import os, signal, sys, torch\n'
+              'from pathlib import Path\n'
+              'real = torch.save\n'
+              'def save(obj, f, *a, **k):\n'
+              '    if ".checkpoint.pth." in str(f):\n'
+              '        Path(f).write_bytes(b"PK half")\n'
+              '        os.kill(os.getpid(), signal.SIGKILL)\n'
+              '    return real(obj, f, *a, **k)\n'
+              'torch.save = save\n'
+              'from dynamixer import cli\n'
+              'sys.exit(cli.main(sys.argv[1:]))\n')
+    killed = subprocess.run([sys.executable, '-c', script, 'train', '--output', str(run), '--resume', '--epochs',
+                             '2', '--no-progress'], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert killed.returncode == -9, killed.stderr
+    assert _epoch(run) == 1 and list(run.glob('.checkpoint.pth.*'))  # the whole old one, and the killed half
+    assert ctx.cli(['train', '--output', run, '--resume', '--epochs', '2', '--no-progress'])[0] == 0
+    assert _epoch(run) == 2 and not list(run.glob('.checkpoint.pth.*'))
+    return Row('SIGKILL while a checkpoint is written', 'kill -9 during dynamixer train', '(none: the process '
+               'is gone)', 'the previous checkpoint, whole; --resume continues and clears the half-written file')
+
+
+def _rank_of(pid: int) -> Optional[int]:
+    try:
+        env = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in env if v.startswith(b'RANK=')), None)
+
+
+@case
+def ddp_rank_killed(ctx: Context) -> Row:
+    out = ctx.tmp / 'ddp'
+    argv = train_args(out, '--data', ctx.templates['data'], '--epochs', '40', '--batch-size', '8',
+                      '--checkpoint-every', '2')
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29561',
+                '-m', 'dynamixer.cli']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([*torchrun, *map(str, argv)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 180
+    while not (out / 'checkpoint.pth').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    rank1 = [pid for pid in child_pids(proc.pid) if _rank_of(pid) == 1]
+    assert proc.poll() is None and len(rank1) == 1, f'the run ended before a rank could be killed: ' \
+                                                    f'{proc.communicate()[1][-3000:] if proc.poll() is not None else rank1}'
+    os.kill(rank1[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)  # the surviving rank is stopped, not left waiting
+    assert proc.returncode != 0 and 'Signal 9 (SIGKILL)' in err
+    lines = [line.strip() for line in err.splitlines()]
+    said = [next(line for line in lines if line.endswith('FAILED')),
+            next(line for line in lines if line.startswith('traceback') and 'Signal 9' in line)]
+    resumed = subprocess.run([*torchrun, 'train', '--output', str(out), '--resume', '--no-progress'], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _epoch(out) == 40
+    message = 'torchrun: ' + ' ... '.join(said)
+    return Row('a DDP rank killed mid-epoch (SIGKILL to rank 1 of 2)', 'torchrun --nproc_per_node 2 -m dynamixer.cli '
+               'train ...', re.sub(r'PID \d+', 'PID N', message),
+               'the other rank is stopped by torchrun; the last checkpoint, from which --resume continues')
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] if how == 'truncated' else b'hello, I am not a checkpoint\n')
+
+
+for _how in ('truncated', 'text'):
+    def _damaged_resume(ctx: Context, how=_how) -> Row:
+        run = ctx.copy('run')
+        _damage(run / 'checkpoint.pth', how)
+        message = ctx.error(['train', '--output', run, '--resume', '--epochs', '2'],
+                            'as a training checkpoint', 'without --resume')
+        return Row(f'a {"truncated" if how == "truncated" else "text file as"} checkpoint.pth given to --resume',
+                   'dynamixer train --output DIR/run --resume', message, 'the run folder as it was')
+    _damaged_resume.__name__ = f'{_how}_checkpoint_resume'
+    case(_damaged_resume)
+
+for _suffix in ('.pth', '.safetensors'):
+    def _damaged_init(ctx: Context, suffix=_suffix) -> Row:
+        run = ctx.copy('run')
+        source = run / 'model' / 'model.safetensors' if suffix == '.safetensors' else run / 'checkpoint.pth'
+        damaged = ctx.tmp / f'weights{suffix}'
+        damaged.write_bytes(source.read_bytes()[:1000])
+        message = ctx.error(train_args(ctx.tmp / 'new', '--data', ctx.templates['data'], '--init-checkpoint',
+                                       damaged, *TINY_RUN), 'could not read', 'damaged')
+        assert not (ctx.tmp / 'new' / 'checkpoint.pth').exists()
+        return Row(f'a truncated {suffix} given to --init-checkpoint',
+                   f'dynamixer train --init-checkpoint DIR/weights{suffix}', message, 'nothing was trained')
+    _damaged_init.__name__ = f'truncated_init_checkpoint_{_suffix.strip(".")}'
+    case(_damaged_init)
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+for _where in ('resume', 'init_checkpoint'):
+    def _hostile(ctx: Context, where=_where) -> Row:
+        run = ctx.copy('run')
+        marker = ctx.tmp / 'code_ran'
+        state = torch.load(run / 'checkpoint.pth', weights_only=True)
+        state['payload'] = RunsCode(marker)
+        hostile = run / 'checkpoint.pth' if where == 'resume' else ctx.tmp / 'hostile.pth'
+        torch.save(state, hostile)
+        argv = (['train', '--output', run, '--resume', '--epochs', '2'] if where == 'resume' else
+                train_args(ctx.tmp / 'new', '--data', ctx.templates['data'], '--init-checkpoint', hostile, *TINY_RUN))
+        message = ctx.error(argv, 'refused to load', 'could run code')
+        assert not marker.exists()
+        command = ('dynamixer train --output DIR/run --resume' if where == 'resume' else
+                   'dynamixer train --init-checkpoint DIR/hostile.pth')
+        return Row(f'a pickle that would run code, given to --{where.replace("_", "-")}', command, message,
+                   'nothing ran: only tensors are ever unpickled')
+    _hostile.__name__ = f'hostile_pickle_{_where}'
+    case(_hostile)
+
+
+# ------------------------------------------------------------------------------------------ other commands
+
+@case
+def predict_a_missing_image(ctx: Context) -> Row:
+    message = ctx.error(['predict', '--model-dir', ctx.templates['digits'], ctx.tmp / 'missing.png'], 'does not exist')
+    return Row('an image that does not exist', 'dynamixer predict --model-dir runs/digits DIR/missing.png',
+               message.replace(str(ctx.templates['digits']), 'runs/digits'), 'nothing')
+
+
+@case
+def predict_not_an_image(ctx: Context) -> Row:
+    notes = ctx.tmp / 'notes.png'
+    notes.write_text('not an image')
+    message = ctx.error(['predict', '--model-dir', ctx.templates['digits'], notes], 'could not read')
+    return Row('a file that is not an image', 'dynamixer predict --model-dir runs/digits DIR/notes.png', message,
+               'the images before it were classified')
+
+
+@case
+def predict_a_photo_with_the_digits_model(ctx: Context) -> Row:
+    photo = ctx.tmp / 'photo.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(photo)
+    code, out, err = ctx.cli(['predict', '--model-dir', ctx.templates['digits'], photo])
+    assert code == 0 and '%' in out and err.startswith('warning:')
+    return Row('a 300x200 colour photo for the 8x8 grayscale digits model',
+               'dynamixer predict --model-dir runs/digits DIR/photo.png', ctx.shown(err.strip()),
+               'the answer, with that warning')
+
+
+@case
+def model_folder_without_weights(ctx: Context) -> Row:
+    folder = ctx.tmp / 'model'
+    folder.mkdir()
+    (folder / 'config.json').write_text('{}')
+    message = ctx.error(['eval', '--model-dir', folder], 'has no weights')
+    return Row('a model folder without weights', 'dynamixer eval --model-dir DIR/model', message, 'nothing')
+
+
+@case
+def onnx_not_installed(ctx: Context) -> Row:
+    import importlib.util
+    real = importlib.util.find_spec
+    ctx.monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnx' else real(name, *a))
+    message = ctx.error(['export', '--model-dir', ctx.templates['digits'], ctx.tmp / 'm.onnx'],
+                        'pip install "dynamixer[export]"')
+    assert not (ctx.tmp / 'm.onnx').exists()
+    return Row('ONNX export without the onnx package', 'dynamixer export --model-dir runs/digits m.onnx', message,
+               'nothing was written')
+
+
+@case
+def visualize_a_block_that_does_not_exist(ctx: Context) -> Row:
+    digit = ctx.tmp / 'digit.png'
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(digit)
+    message = ctx.error(['visualize', '--model-dir', ctx.templates['digits'], digit, '--block', '9.0'],
+                        'stage 9 does not exist')
+    return Row('a block the model does not have', 'dynamixer visualize --model-dir runs/digits d.png --block 9.0',
+               message, 'nothing was written')
+
+
+@case
+def list_an_unknown_pattern(ctx: Context) -> Row:
+    message = ctx.error(['list', 'resnet*', '--no-macs'], "no registered model matches 'resnet*'")
+    return Row('a model pattern that matches nothing', "dynamixer list 'resnet*'", message, 'nothing')
+
+
+@case
+def unknown_command(ctx: Context) -> Row:
+    code, _, err = ctx.cli(['trian'])
+    assert code == 2
+    return Row('a misspelt command', 'dynamixer trian', err.splitlines()[0], 'nothing (the command list follows)')
+
+
+# ---------------------------------------------------------------------------------------------- the tests
+
+@pytest.fixture(scope='module')
+def templates(tmp_path_factory) -> Dict[str, Path]:
+    """A data folder, a finished one-epoch run on it, and a trained digits model folder."""
+    root = tmp_path_factory.mktemp('templates')
+    data = root / 'data'
+    make_image_folder(data / 'train', per_class=12, seed=0)
+    make_image_folder(data / 'val', per_class=4, seed=1)
+    assert cli.main(train_args(root / 'run', '--data', str(data), *TINY_RUN)) == 0
+    assert cli.main(['train', '--output', str(root / 'digits'), '--no-progress', *TINY_MODEL, '--epochs', '1']) == 0
+    return {'data': data, 'run': root / 'run', 'digits': root / 'digits' / 'model'}
+
+
+ROWS: Dict[str, Row] = {}
+
+
+def _run_case(name: str, tmp_path, templates, capsys, monkeypatch) -> Row:
+    if name not in ROWS:
+        monkeypatch.chdir(tmp_path)  # a default output lands here, never in the checkout
+        capsys.readouterr()
+        ROWS[name] = CASES[name](Context(tmp_path, templates, capsys, monkeypatch))
+    return ROWS[name]
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_case(name, tmp_path, templates, capsys, monkeypatch):
+    row = _run_case(name, tmp_path, templates, capsys, monkeypatch)
+    assert row.message and row.survives
+
+
+def _table(rows: List[Row]) -> str:
+    cell = lambda text: text.replace('|', '\\|')
+    lines = ['| # | what went wrong | command | what it says | what survives |', '|---|---|---|---|---|']
+    lines += [f'| {i} | {cell(r.what)} | `{cell(r.command)}` | {cell(r.message)} | {cell(r.survives)} |'
+              for i, r in enumerate(rows, 1)]
+    return '\n'.join(lines)
+
+
+def test_the_docs_table_is_the_one_these_cases_produce(tmp_path_factory, templates, capsys, monkeypatch):
+    rows = [_run_case(name, tmp_path_factory.mktemp(name), templates, capsys, monkeypatch) for name in CASES]
+    assert len(rows) >= 25
+    table = _table(rows)
+    text = DOC.read_text() if DOC.is_file() else f'{BEGIN}\n{END}\n'
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    if os.environ.get('UPDATE_DOCS'):
+        text = text[:start] + '\n' + table + '\n' + text[end:]
+        DOC.write_text(text)
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    assert text[start:end].strip() == table, 'docs/robustness.md is out of date: UPDATE_DOCS=1 pytest ' + __file__
