@@ -1,8 +1,11 @@
 """The ``dynamixer`` command itself: ``dynamixer list`` and argument checking at the edge."""
+import subprocess
+import sys
+
 import pytest
 import timm
 
-import dynamixer  # noqa: F401  registers the variants
+import dynamixer
 from dynamixer import cli
 from dynamixer.bench import count_macs
 
@@ -53,3 +56,23 @@ def test_bad_number_in_a_config_file_names_the_setting_and_the_file(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and f'epochs: 0 in {config}: expected an integer >= 1' in err, err
     assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('argv', [['--help'], ['train', '--help'], ['eval', '--help'], ['predict', '--help'],
+                                  ['bench', '--help'], ['export', '--help'], ['convert', '--help'], ['list', '--help'],
+                                  ['visualize', '--help'], ['ablate', '--help'], ['train', '--epochs', '-1']])
+def test_help_and_bad_flags_load_neither_torch_nor_timm(argv):
+    """What makes `dynamixer --help` answer at once: nothing heavy is imported before a command runs."""
+    code = ('import sys\nfrom dynamixer import cli\ntry:\n    cli.main(ARGV)\nexcept SystemExit:\n    pass\n'
+            'print(sorted(m for m in ("torch", "timm", "numpy") if m in sys.modules))').replace('ARGV', repr(argv))
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == '[]', done.stdout + done.stderr
+
+
+@pytest.mark.parametrize('order', ['dynamixer first', 'timm first'])
+def test_import_dynamixer_registers_the_variants_with_timm_either_way(order):
+    first, second = ('dynamixer', 'timm') if order == 'dynamixer first' else ('timm', 'dynamixer')
+    code = (f'import sys\nimport {first}\nloaded = "torch" in sys.modules\nimport {second}\n'
+            f'print(loaded, timm.create_model("dynamixer_cifar_xs").num_classes, len(timm.list_models("dynamixer*")))')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == [str(order == 'timm first'), '10', str(len(dynamixer.list_models()))], done.stderr

@@ -432,27 +432,6 @@ def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dynamixer.cli import number
-    parser.add_argument('--grid', help='YAML grid file (model, base, train, seeds, axes, variants)')
-    parser.add_argument('--output', required=True, help='folder for the runs and the results')
-    parser.add_argument('--model', help='model name (overrides the grid)')
-    parser.add_argument('--base', nargs='+', default=[], metavar='KNOB=VALUE', help='base model knobs')
-    parser.add_argument('--vary', nargs='+', default=[], metavar='KNOB=V1,V2',
-                        help='axes varied one at a time from the base, e.g. S=1,2,4,8 generation=static,dense')
-    parser.add_argument('--variant', nargs='+', default=[], metavar='NAME:KNOB=VALUE[;KNOB=VALUE]',
-                        help='named variants, e.g. shared:share_row_col=true')
-    parser.add_argument('--seeds', nargs='+', type=number(int, at_least=0),
-                        help='seeds of every variant (overrides the grid)')
-    parser.add_argument('--data', help='training data, as for dynamixer train (overrides the grid)')
-    parser.add_argument('--epochs', type=number(int, at_least=1), help='epochs per run (overrides the grid)')
-    parser.add_argument('--train-arg', nargs='+', default=[], metavar='FLAG=VALUE',
-                        help='more dynamixer train settings shared by every run, e.g. batch_size=128 val_split=0.1')
-    parser.add_argument('--jobs', type=number(int, at_least=1), default=1, help='runs trained at the same time')
-    parser.add_argument('--threads', type=number(int, at_least=1), default=1,
-                        help='CPU threads per run (OMP_NUM_THREADS)')
-    parser.add_argument('--dry-run', action='store_true', help='print the training commands and stop')
-
 
 def grid_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     grid = load_grid(args.grid)

@@ -12,7 +12,6 @@ each measurement runs in a fresh subprocess: parameters, gradients and AdamW sta
 kernel's high-water mark (VmHWM) is reset through ``/proc/self/clear_refs`` and the peak resident memory of
 one step is reported above the resident memory just before it (activations and temporaries only).
 """
-import argparse
 import contextlib
 import datetime
 import json
@@ -477,57 +476,6 @@ def format_sweep(result: Dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
-
-def _int_list(text: str) -> List[int]:
-    return [int(v) for v in text.split(',') if v.strip()]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dynamixer.cli import number
-    parser.add_argument('--model', default='dynamixer_s', help='variant name')
-    parser.add_argument('--batch-size', type=number(int, at_least=1), default=32, help='inference batch size')
-    parser.add_argument('--train-batch-size', type=number(int, at_least=1), default=None,
-                        help='training batch size (default: --batch-size)')
-    parser.add_argument('--img-size', type=number(int, at_least=1), default=None,
-                        help="input size (square; default: the model's, "
-                             "e.g. 224 for S/M/L, 32 for the cifar variants)")
-    parser.add_argument('--precision', choices=list(PRECISIONS), default='fp32',
-                        help='fp32, or bf16 / fp16 autocast')
-    parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
-    parser.add_argument('--compile', action='store_true', help='torch.compile both implementations')
-    parser.add_argument('--warmup', type=number(int, at_least=0), default=2, help='untimed runs per implementation')
-    parser.add_argument('--iters', type=number(int, at_least=1), default=5,
-                        help='timed runs per implementation (median reported)')
-    parser.add_argument('--threads', type=number(int, at_least=1), default=None,
-                        help='torch.set_num_threads (default: leave as is)')
-    parser.add_argument('--modes', default='inference,train', help='inference and/or train, comma-separated')
-    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurements')
-    parser.add_argument('--no-reference', action='store_true', help='time the fast implementation only')
-    parser.add_argument('--model-args', default='{}', help='JSON of extra model constructor arguments')
-    parser.add_argument('--sweep', type=_int_list, default=None, metavar='SIZES',
-                        help='cost vs resolution at these sizes (e.g. 160,224,320,448) instead of the comparison')
-    parser.add_argument('--keep-mixing', action='store_true',
-                        help='keep the mixing matrices for backward (faster, more memory) instead of recomputing '
-                             'them (RECOMPUTE_MIXING=False)')
-    parser.add_argument('--no-slicing', action='store_true',
-                        help='run CPU inference batches whole in the fast path too (CPU_INFERENCE_SLICE_BYTES=0) '
-                             '(with --no-fusion too: the token mixer alone against the reference)')
-    parser.add_argument('--no-fusion', action='store_true',
-                        help='run CPU fp32 inference without the fast path\'s fused oneDNN linears '
-                             '(MixerLayer.cpu_fused_inference=False)')
-    parser.add_argument('--no-onednn', action='store_true',
-                        help='run the fast path\'s CPU fp32 linears (forward and input gradient) through '
-                             'F.linear / MKL instead of oneDNN (onednn_linears=False)')
-    parser.add_argument('--no-triton', action='store_true',
-                        help='on CUDA, mix with torch ops instead of the fast path\'s Triton kernel '
-                             '(triton_mix.ENABLED=False)')
-    parser.add_argument('--baseline-fp32-eager', action='store_true',
-                        help='run the reference in fp32 eager whatever --precision and --compile say: the speed-up '
-                             'of a whole training recipe (e.g. --precision bf16 --compile) over the plain model')
-    parser.add_argument('--seed', type=number(int, at_least=0), default=0)
-    parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
-    parser.add_argument('--output', default=None, help='also write the JSON to this file')
-    parser.add_argument('--quiet', action='store_true', help='no progress output on stderr')
 
 
 def run(args) -> int:

@@ -7,12 +7,6 @@ import argparse
 from typing import Any, Dict, List
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('pattern', nargs='?', default='dynamixer*',
-                        help="timm name pattern, e.g. 'dynamixer_cifar*'")
-    parser.add_argument('--no-macs', action='store_true', help='skip counting GMACs (faster: no forward pass)')
-
-
 def describe(pattern: str = 'dynamixer*', macs: bool = True) -> List[Dict[str, Any]]:
     """One row per registered variant that matches ``pattern``."""
     import timm

@@ -280,17 +280,6 @@ def verify_official_reference(path: Union[str, Path]) -> float:
         return (model(tensors['input']) - tensors['logits']).abs().max().item()
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument('input', help='official checkpoint (.pth / .pth.tar / .safetensors), plain or wrapped '
-                                      'under state_dict / state_dict_ema, with or without a module. prefix')
-    parser.add_argument('output', nargs='?', help='where to write the converted weights (.safetensors)')
-    parser.add_argument('--verify', action='store_true',
-                        help='treat INPUT as an official test vector (weights, input, logits, config) and '
-                             'report how far our model\'s logits are from the official ones; exit 1 above 1e-5')
-    parser.add_argument('--fp16', action='store_true',
-                        help='store floating-point tensors as fp16 (half the file; they load back into fp32 models)')
-
-
 def run(args) -> int:
     if args.verify:
         error = verify_official_reference(args.input)

@@ -135,30 +135,6 @@ def _save_figure(fig, path: str) -> None:
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format='png', dpi=100))
 
 
-MODEL_DIR_HELP = ('model folder written by dynamixer train (OUTPUT/model or OUTPUT) or by timm.models.save_for_hf, '
-                  'or a model whose weights ship with the package: dynamixer_cifar_xs.cifar10_1h')
-
-
-def add_arguments(parser) -> None:
-    from dynamixer.cli import number
-    parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
-    parser.add_argument('--data', default='digits',
-                        help='digits, cifar10, cifar100, or an ImageFolder path (its val/ split is evaluated)')
-    parser.add_argument('--data-dir', default='data', help='where cifar10/cifar100 are downloaded')
-    parser.add_argument('--val-split', type=number(at_least=0, below=1), default=0.,
-                        help='for a folder with no val/: the held-out fraction (use the value training used)')
-    parser.add_argument('--split-seed', type=number(int, at_least=0), default=0,
-                        help='seed of the --val-split hold-out (as in training)')
-    parser.add_argument('--batch-size', type=number(int, at_least=1), default=256, help='images per batch')
-    parser.add_argument('--workers', type=number(int, at_least=0), default=2, help='data loader worker processes')
-    parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument('--confusion', default=None,
-                        help='where to write the confusion-matrix PNG (default: confusion.png in the training run)')
-    parser.add_argument('--tta-flip', action='store_true',
-                        help='average the logits of each image and its mirror image (test-time augmentation)')
-    parser.add_argument('--json', action='store_true', help='print the metrics as one JSON object')
-
-
 def resolve_device(name: str) -> torch.device:
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')

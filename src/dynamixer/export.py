@@ -11,7 +11,6 @@ line length), at any batch size. A ``dynamic_img_size=True`` model is exported a
 the size it was built for): the window layout is traced for that size, so the exported graph accepts that
 size only (any batch); export once per input size you need.
 """
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -19,10 +18,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from dynamixer.cli import EXPORT_FORMATS
 from dynamixer.evaluate import load_model_dir
 from dynamixer.io import atomic_write
 
-FORMATS = ('onnx', 'torchscript', 'exported-program')
+FORMATS = EXPORT_FORMATS
 
 
 def _input_size(model: nn.Module, img_size: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
@@ -96,20 +96,6 @@ def export_model(model: nn.Module, out: str, fmt: str = 'onnx', img_size: Option
     diff = (got.float() - expected.float()).abs().max().item()
     return {'path': str(target), 'format': fmt, 'input_size': list(input_size), 'check_batch': check_batch,
             'max_abs_diff': diff, 'ok': diff <= tolerance}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dynamixer.cli import number
-    parser.add_argument('output', help='file to write (e.g. model.onnx, model.pt, model.pt2)')
-    from dynamixer.evaluate import MODEL_DIR_HELP
-    parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
-    parser.add_argument('--format', choices=FORMATS, default='onnx', help='export format')
-    parser.add_argument('--img-size', type=number(int, at_least=1), nargs='+', default=None, metavar='SIZE',
-                        help='input size H [W] to export at (dynamic_img_size models only; default: built size)')
-    parser.add_argument('--opset', type=number(int, at_least=7), default=17, help='ONNX opset')
-    parser.add_argument('--tolerance', type=number(above=0), default=1e-4,
-                        help='largest accepted |exported - torch| on the check batch')
-    parser.add_argument('--json', action='store_true', help='print the result as JSON')
 
 
 def run(args) -> int:

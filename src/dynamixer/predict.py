@@ -11,17 +11,6 @@ from typing import Any, Dict, List
 import torch
 
 
-def add_arguments(parser) -> None:
-    from dynamixer.cli import number
-    parser.add_argument('images', nargs='+', help='image files to classify')
-    from dynamixer.evaluate import MODEL_DIR_HELP
-    parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
-    parser.add_argument('--topk', type=number(int, at_least=1), default=5, help='how many classes to show per image')
-    parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda'")
-    parser.add_argument('--json', action='store_true', help='one JSON object per line: file, and top-k '
-                                                            'label/index/probability')
-
-
 @torch.no_grad()
 def predict(model: torch.nn.Module, paths: List[str], topk: int, device: torch.device) -> List[Dict[str, Any]]:
     from timm.data import resolve_data_config

@@ -214,20 +214,6 @@ def visualize(model_dir: str, image_path: str, block: str = '0.0', token: Option
                 token=tok, block=(stage, blk), output=str(out))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dynamixer.cli import number
-    parser.add_argument('image', help='image file to run through the model')
-    from dynamixer.evaluate import MODEL_DIR_HELP
-    parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
-    parser.add_argument('--block', default='0.0', help='STAGE.BLOCK, 0-based')
-    parser.add_argument('--token', default=None,
-                        help="ROW,COL on the block's token grid (default: the centre token)")
-    parser.add_argument('--output', default='mixing.png', help='PNG to write')
-    parser.add_argument('--max-segments', type=number(int, at_least=1), default=8,
-                        help='draw at most this many segments')
-    parser.add_argument('--dpi', type=number(int, at_least=10), default=110)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.max_segments < 1:
         raise ValueError('--max-segments must be at least 1.')
