@@ -168,3 +168,15 @@ def test_fp32_cpu_matmul_peak_also_times_the_onednn_linear_the_fast_path_uses(mo
     assert shapes == [(64, 64)] * 3  # a warm-up and the timed repeats
     bench.matmul_peak_gflops(torch.device('cpu'), 'bf16', size=64, repeats=2)
     assert len(shapes) == 3  # oneDNN's fp32 linear does not stand for other precisions
+
+
+def test_the_input_size_defaults_to_the_models_own(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        rc = main(['bench', '--model', 'dynamixer_cifar_t', '--batch-size', '1', '--warmup', '0', '--iters', '1',
+                   '--threads', '1', '--quiet', '--modes', 'inference', '--no-memory', '--no-reference',
+                   '--output', str(tmp_path / 'r.json')])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / 'r.json').read_text())
+    assert rc == 0 and list(result['config']['img_size']) == [32, 32]  # not the 224 of the paper's variants

@@ -76,3 +76,17 @@ def test_import_dynamixer_registers_the_variants_with_timm_either_way(order):
             f'print(loaded, timm.create_model("dynamixer_cifar_xs").num_classes, len(timm.list_models("dynamixer*")))')
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == [str(order == 'timm first'), '10', str(len(dynamixer.list_models()))], done.stderr
+
+
+def test_help_says_each_default_once_and_the_digits_defaults_too():
+    text = cli._module_parser('train').format_help()
+    flat = ' '.join(text.split())
+    assert '--epochs EPOCHS training epochs (default: 40; 20 for digits)' in flat
+    assert '--model-ema, --no-model-ema' in flat and '(default: off; on for digits)' in flat
+    assert 'patch_size=2 depths=(2,2,2,2) embed_dims=(64,64,64,64)' in flat  # the digits model, readable
+    for name in cli.COMMANDS:
+        help_text = ' '.join(cli._module_parser(name).format_help().split())
+        for entry in help_text.split(' --')[1:]:
+            assert entry.count('(default:') + entry.count('; default:') <= 1, (name, entry)
+    convert = cli._module_parser('convert').format_help()
+    assert cli.COMMANDS['convert'][1].split()[0].capitalize() in convert and 'ViP fork' not in convert
