@@ -8,7 +8,6 @@ import copy
 import torch
 
 from dynamixer.bench import _Runner, build_models, time_interleaved
-from dynamixer.models.dynamixer import DynaMixerTokenMixer, MixerLayer
 
 
 def main() -> None:
@@ -23,10 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = build_models(args.model, args.img_size, {}, torch.device('cpu'))
-    without = copy.deepcopy(models['fast'])
-    for module in without.modules():
-        if isinstance(module, (MixerLayer, DynaMixerTokenMixer)):
-            module.onednn_linears = False
+    without = copy.deepcopy(models['fast']).set_fast_path(onednn_linears=False)
     models = {'fast': models['fast'], 'fast, no oneDNN': without, 'reference': models['reference']}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     runners = {name: _Runner(m, args.mode, x, 'fp32', compile=False) for name, m in models.items()}

@@ -6,7 +6,6 @@ import timm
 import torch
 
 import dynamixer  # noqa: F401  (registers the models)
-from dynamixer.models import dynamixer as dm
 from test_reference import TINY, _compare, bf16_errors, check_autocast_fusion_dtype
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -22,10 +21,10 @@ def exact_fp32():
 
 
 @pytest.mark.parametrize('recompute', [True, False])
-def test_paper_variant_on_cuda(recompute, monkeypatch):
-    monkeypatch.setattr(dm, 'RECOMPUTE_MIXING', recompute)
+def test_paper_variant_on_cuda(recompute):
     torch.manual_seed(0)
     model = timm.create_model('dynamixer_s', depths=(1, 1, 1, 1), img_size=56, num_classes=10).cuda()
+    model.set_fast_path(recompute_mixing=recompute)
     _compare(model, torch.randn(2, 3, 56, 56, device='cuda'))
 
 

@@ -565,31 +565,33 @@ def test_local_dir_folder_loads_its_weights_without_pretrained_flag(tmp_path):
         assert torch.equal(loaded(x), trained.eval()(x))
 
 
-def test_cpu_inference_runs_big_batches_in_slices_with_the_same_outputs(monkeypatch):
-    import dynamixer.models.dynamixer as dm
+def test_cpu_inference_runs_big_batches_in_slices_with_the_same_outputs():
     model = tiny()
     stem_batches = []
     model.stem.register_forward_hook(lambda module, args, out: stem_batches.append(args[0].shape[0]))
     x = torch.randn(5, 3, 56, 56)
     per_image = model._elems_per_image * 4  # fp32 bytes of the largest temporary of one image
-    monkeypatch.setattr(dm, 'CPU_INFERENCE_SLICE_BYTES', 2 * per_image)
+    model.set_fast_path(inference_slice_bytes=2 * per_image)
     with torch.no_grad():
         sliced = model(x)
     assert stem_batches == [2, 2, 1]
     stem_batches.clear()
     with torch.no_grad():
-        model.inference_slice_bytes = 0  # per model: never slice
+        model.set_fast_path(inference_slice_bytes=0)  # per model: never slice
         whole = model(x)
     assert stem_batches == [5]
     assert torch.allclose(sliced, whole, atol=1e-5)
-    model.inference_slice_bytes = None
+    model.set_fast_path(inference_slice_bytes=2 * per_image)
     stem_batches.clear()
     model(x)  # autograd on: slicing would not save memory there, so the batch runs whole
     with torch.no_grad():
         torch.jit.trace(model, x, check_trace=False)  # traced graphs must keep a dynamic batch
     assert stem_batches == [5, 5]
     from dynamixer.models.reference import reference_model
-    assert reference_model(model).inference_slice_bytes == 0
+    stem_batches.clear()
+    with torch.no_grad():
+        reference_model(model)(x)  # the plain model runs the batch whole
+    assert stem_batches == [5]
 
 
 def test_cpu_fp32_inference_uses_fused_onednn_linears_only_where_it_may(monkeypatch):
@@ -612,10 +614,10 @@ def test_cpu_fp32_inference_uses_fused_onednn_linears_only_where_it_may(monkeypa
     with torch.no_grad():
         fused_out = model(x)
         assert len(calls) == layers  # one fc1 + GELU per layer
-        model.apply(lambda m: setattr(m, 'cpu_fused_inference', False) if isinstance(m, dm.MixerLayer) else None)
+        model.set_fast_path(cpu_fused_inference=False)
         plain = model(x)
         assert len(calls) == layers
-        model.apply(lambda m: m.__dict__.pop('cpu_fused_inference', None))
+        model.set_fast_path(cpu_fused_inference=True)
         assert (fused_out - plain).abs().max().item() <= 1e-5
         reference_model(model)(x)  # the plain oracle never fuses
         assert len(calls) == layers
@@ -660,13 +662,13 @@ def test_onednn_linear_gives_f_linear_values_and_gradients(monkeypatch, bias):
     from dynamixer.models import fused
     if not fused._HAS_ONEDNN_LINEAR:
         pytest.skip('this torch build has no oneDNN linear kernels')
-    monkeypatch.setattr(fused, 'ONEDNN_MIN_MACS', 0)  # these matrices are far too small to be worth it
+    fast = fused.FastPath(onednn_min_macs=0)  # these matrices are far too small to be worth it
     x = torch.randn(3, 5, 7, requires_grad=True)
     w = torch.randn(4, 7, requires_grad=True)
     b = torch.randn(4, requires_grad=True) if bias else None
     g = torch.randn(3, 5, 4)
     with _CountOneDnnLinears() as counter:
-        out = fused.linear(x, w, b)
+        out = fused.linear(x, w, b, fast)
         out.mul_(2)  # callers add to the result in place (the 'sum' fusion does)
         grads = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], g)
     assert counter.calls == 2  # the forward and the input gradient
@@ -674,17 +676,18 @@ def test_onednn_linear_gives_f_linear_values_and_gradients(monkeypatch, bias):
     assert torch.allclose(out, 2 * F.linear(x, w, b), atol=1e-5)
     for got, want in zip(grads, expected):
         assert torch.allclose(got, want, atol=1e-5)
-    first = torch.autograd.grad(fused.linear(x, w, b).pow(2).sum(), x, create_graph=True)[0]
+    first = torch.autograd.grad(fused.linear(x, w, b, fast).pow(2).sum(), x, create_graph=True)[0]
     expected = torch.autograd.grad(F.linear(x, w, b).pow(2).sum(), x, create_graph=True)[0]
     assert torch.allclose(torch.autograd.grad(first.sum(), w)[0], torch.autograd.grad(expected.sum(), w)[0],
                           atol=1e-4)  # double backward (e.g. gradient penalties) works too
     with _CountOneDnnLinears() as counter:
-        torch.autograd.grad(fused.linear(x.detach(), w, b).sum(), w)  # no input gradient asked: one call
+        torch.autograd.grad(fused.linear(x.detach(), w, b, fast).sum(), w)  # no input gradient asked: one call
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            fused.linear(x, w, b)
-        fused.linear(x.double(), w.double())
-        monkeypatch.setattr(fused, 'ONEDNN_MIN_MACS', x.numel() * w.shape[0] + 1)
-        fused.linear(x, w, b).sum().backward()  # below the size where oneDNN pays: F.linear
+            fused.linear(x, w, b, fast)
+        fused.linear(x.double(), w.double(), None, fast)
+        fused.linear(x, w, b, fused.FastPath(onednn_min_macs=x.numel() * w.shape[0] + 1)).sum().backward()  # too small
+        fused.linear(x, w, b, fused.FastPath(onednn_min_macs=0, onednn_linears=False)).sum().backward()  # turned off
+        fused.linear(x, w, b).sum().backward()  # no fast path given: F.linear
     assert counter.calls == 1
 
 
@@ -694,9 +697,8 @@ def test_cpu_fp32_training_runs_its_linears_through_onednn_with_the_reference_gr
     from dynamixer.models.reference import reference_model
     if not fused._HAS_ONEDNN_LINEAR:
         pytest.skip('this torch build has no oneDNN linear kernels')
-    monkeypatch.setattr(fused, 'ONEDNN_MIN_MACS', 0)  # a tiny model's linears are all below the real threshold
     torch.manual_seed(0)
-    model = tiny().train()
+    model = tiny().train().set_fast_path(onednn_min_macs=0)  # a tiny model's linears are all below the threshold
     ref = reference_model(model)
     x = torch.randn(2, 3, 56, 56)
 
@@ -715,9 +717,7 @@ def test_cpu_fp32_training_runs_its_linears_through_onednn_with_the_reference_gr
     assert ref_calls == 0  # the plain oracle stays plain
     for name, grad in expected.items():
         assert torch.allclose(fast[name], grad, atol=1e-4), name
-    monkeypatch.setattr(dm.MixerLayer, 'onednn_linears', False)
-    monkeypatch.setattr(dm.DynaMixerTokenMixer, 'onednn_linears', False)
-    calls, plain = grads(model)
+    calls, plain = grads(model.set_fast_path(onednn_linears=False))
     assert calls == 0
     for name, grad in expected.items():
         assert torch.allclose(plain[name], grad, atol=1e-4), name

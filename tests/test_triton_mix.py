@@ -31,12 +31,12 @@ CHECK = textwrap.dedent('''
             grad = torch.randn(len(branches), mix[0].numel() // S // mix.shape[-1], C)
             weight = torch.randn(len(branches), C, C) / C ** 0.5
             results = []
-            for enabled in (True, False):
-                triton_mix.ENABLED = enabled
-                results.append((fused._mixed_tokens(mix, x, branches),
-                                *fused._mix_project_backward(grad, mix, x, weight, branches, True, True, False)[:2],
-                                fused._mix_project_backward(grad, mix, x, weight, branches, False, True, False)[1]))
-            triton_mix.ENABLED = True
+            for enabled in (True, False):  # the Triton kernels, then torch's ops
+                results.append((fused._mixed_tokens(mix, x, branches, enabled),
+                                *fused._mix_project_backward(grad, mix, x, weight, branches, True, True, False,
+                                                             None, enabled)[:2],
+                                fused._mix_project_backward(grad, mix, x, weight, branches, False, True, False,
+                                                            None, enabled)[1]))
             for out, expected in zip(*results):
                 assert out.shape == expected.shape, (out.shape, expected.shape)
                 assert (out - expected).abs().max().item() < 1e-4 * max(1, expected.abs().max().item())
@@ -47,11 +47,10 @@ CHECK = textwrap.dedent('''
     model = timm.create_model('dynamixer_cifar_t', **TINY).eval()
     flops = []
     for enabled in (True, False):
-        triton_mix.ENABLED = enabled
+        model.set_fast_path(triton=enabled)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.randn(1, 3, 32, 32))
         flops.append(counter.get_total_flops())
-    triton_mix.ENABLED = True
     assert flops[0] == flops[1] > 0 and len(calls) == 7
 
     # the whole fast path through the kernel against the reference: outputs 1e-5, gradients 1e-4

@@ -13,6 +13,7 @@ kernel's high-water mark (VmHWM) is reset through ``/proc/self/clear_refs`` and 
 one step is reported above the resident memory just before it (activations and temporaries only).
 """
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -112,8 +113,10 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int]) -> float:
 
 
 def build_models(name: str, img_size: int, model_args: Dict[str, Any], device: torch.device,
-                 implementations: Sequence[str] = IMPLEMENTATIONS, seed: int = 0) -> Dict[str, torch.nn.Module]:
-    """The fast model and (if asked) a reference copy with the same weights."""
+                 implementations: Sequence[str] = IMPLEMENTATIONS, seed: int = 0,
+                 fast_path: Optional[Dict[str, Any]] = None) -> Dict[str, torch.nn.Module]:
+    """The fast model (its fast path set by ``fast_path``, FastPath fields) and, if asked, a reference copy with
+    the same weights and its fast path off."""
     import timm
     import dynamixer  # noqa: F401  (registers the models)
     from dynamixer.models.reference import reference_model
@@ -121,7 +124,7 @@ def build_models(name: str, img_size: int, model_args: Dict[str, Any], device: t
     kwargs = dict(model_args)
     if img_size:
         kwargs.setdefault('img_size', img_size)
-    fast = timm.create_model(name, **kwargs).to(device)
+    fast = timm.create_model(name, **kwargs).to(device).set_fast_path(**(fast_path or {}))
     models = {}
     for impl in implementations:
         models[impl] = fast if impl == 'fast' else reference_model(fast)
@@ -223,29 +226,29 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _configure_fast_path(value: Optional[bool], slicing: Optional[bool] = None,
-                         fusion: Optional[bool] = None, triton: Optional[bool] = None,
-                         onednn: Optional[bool] = None) -> None:
-    from dynamixer.models import dynamixer as dm, triton_mix
-    if value is not None:
-        dm.RECOMPUTE_MIXING = bool(value)
-    if slicing is False:
-        dm.CPU_INFERENCE_SLICE_BYTES = 0
-    if fusion is False:  # the class default; the reference's layers are off already
-        dm.MixerLayer.cpu_fused_inference = False
-    if onednn is False:  # class defaults, as above
-        dm.MixerLayer.onednn_linears = dm.DynaMixerTokenMixer.onednn_linears = False
-    if triton is False:
-        triton_mix.ENABLED = False
+def fast_path_options(recompute_mixing: Optional[bool] = None, slicing: bool = True, fusion: bool = True,
+                      triton: bool = True, onednn: bool = True) -> Dict[str, Any]:
+    """The fast model's ``set_fast_path`` options for the bench flags (the defaults where a flag is not off)."""
+    options: Dict[str, Any] = {}
+    if recompute_mixing is not None:
+        options['recompute_mixing'] = bool(recompute_mixing)
+    if not slicing:
+        options['inference_slice_bytes'] = 0
+    if not fusion:
+        options['cpu_fused_inference'] = False
+    if not onednn:
+        options['onednn_linears'] = False
+    if not triton:
+        options['triton'] = False
+    return options
 
 
 def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Peak memory of one step for one implementation (run this in a fresh process on CPU)."""
     device = torch.device(cfg['device'])
     torch.set_num_threads(cfg['threads'])
-    _configure_fast_path(cfg.get('recompute_mixing'), cfg.get('slicing'), cfg.get('fusion'), cfg.get('triton'),
-                         cfg.get('onednn'))
-    models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'])
+    models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'],
+                          cfg.get('fast_path'))
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
     runner = _Runner(model, cfg['mode'], x, cfg['precision'], compile=cfg['compile'])
@@ -299,16 +302,14 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
               model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True,
               recompute_mixing: Optional[bool] = None, slicing: bool = True, fusion: bool = True,
               triton: bool = True, onednn: bool = True, baseline_fp32_eager: bool = False) -> Dict[str, Any]:
-    """Fast vs reference, as a JSON-able dict (see the module docstring). ``recompute_mixing`` sets
-    ``dynamixer.models.dynamixer.RECOMPUTE_MIXING`` for the run (None: leave the default); ``slicing=False``
-    turns off the fast path's CPU inference slicing (``CPU_INFERENCE_SLICE_BYTES = 0``) and ``fusion=False``
-    its fused oneDNN linears in CPU inference (``MixerLayer.cpu_fused_inference = False``), ``onednn=False`` its
-    plain oneDNN linears on CPU in fp32 (``onednn_linears = False`` on ``MixerLayer`` and
-    ``DynaMixerTokenMixer``), ``triton=False`` its Triton mixing kernel on CUDA (``triton_mix.ENABLED = False``).
+    """Fast vs reference, as a JSON-able dict (see the module docstring). The fast model's own fast path
+    (``FastPath``, nothing global) follows the flags: ``recompute_mixing`` (None: the default), ``slicing=False``
+    runs CPU inference batches whole, ``fusion=False`` drops the fused oneDNN linears of CPU inference,
+    ``onednn=False`` the oneDNN linears of CPU fp32, ``triton=False`` the Triton mixing kernel on CUDA.
     ``baseline_fp32_eager`` runs the reference in fp32 eager whatever ``precision`` and ``compile`` say, so that
     the speed-up is that of a whole recipe (e.g. bf16 + compile) over the plain model."""
-    from dynamixer.models import dynamixer as dm, triton_mix
-    _configure_fast_path(recompute_mixing, slicing, fusion, triton, onednn)
+    from dynamixer.models import triton_mix
+    options = fast_path_options(recompute_mixing, slicing, fusion, triton, onednn)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}.')
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -326,8 +327,9 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
     _log(f'measuring the {precision} matmul peak', quiet)
     peak = matmul_peak_gflops(dev, precision)
     _log(f'building {model} at {img_size} ({", ".join(impls)})', quiet)
-    models = build_models(model, img_size, model_args, dev, impls, seed)
+    models = build_models(model, img_size, model_args, dev, impls, seed, options)
     fast = models['fast']
+    fast_path = dataclasses.asdict(fast.fast_path)
     img_size = img_size or list(fast.img_size)
     input_size = (3, *_pair(img_size))
 
@@ -340,10 +342,11 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                    'img_size': img_size, 'precision': precision, 'device': device, 'compile': compile,
                    'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed,
                    'baseline_fp32_eager': baseline_fp32_eager,
-                   'recompute_mixing': dm.RECOMPUTE_MIXING, 'inference_slice_bytes': dm.CPU_INFERENCE_SLICE_BYTES,
-                   'cpu_fused_inference': dm.MixerLayer.cpu_fused_inference,
-                   'onednn_linears': dm.MixerLayer.onednn_linears and dm.DynaMixerTokenMixer.onednn_linears,
-                   'triton_mix': triton_mix.ENABLED and triton_mix.triton is not None},
+                   'recompute_mixing': fast_path['recompute_mixing'],
+                   'inference_slice_bytes': fast_path['inference_slice_bytes'],
+                   'cpu_fused_inference': fast_path['cpu_fused_inference'],
+                   'onednn_linears': fast_path['onednn_linears'],
+                   'triton_mix': fast_path['triton'] and triton_mix.triton is not None, 'fast_path': fast_path},
         'matmul_peak_gflops': peak,
         'params': sum(p.numel() for p in fast.parameters()),
         'gmacs': macs / 1e9,
@@ -372,8 +375,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                 mem = peak_memory(dict(model=model, img_size=img_size, model_args=model_args, device=device,
                                        impl=impl, batch_size=batch, mode=mode, precision=setting(impl)[0],
                                        compile=setting(impl)[1], threads=torch.get_num_threads(), seed=seed,
-                                       recompute_mixing=dm.RECOMPUTE_MIXING, slicing=slicing,
-                                       fusion=fusion, triton=triton, onednn=onednn))
+                                       fast_path=options))
                 entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
                 entry['memory_method'] = mem['method']
             if reference:

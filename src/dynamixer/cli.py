@@ -173,19 +173,19 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help='cost vs resolution at these sizes (e.g. 160,224,320,448) instead of the comparison')
     parser.add_argument('--keep-mixing', action='store_true',
                         help='keep the mixing matrices for backward (faster, more memory) instead of recomputing '
-                             'them (RECOMPUTE_MIXING=False)')
+                             'them (FastPath.recompute_mixing=False)')
     parser.add_argument('--no-slicing', action='store_true',
-                        help='run CPU inference batches whole in the fast path too (CPU_INFERENCE_SLICE_BYTES=0) '
+                        help='run CPU inference batches whole in the fast path too (inference_slice_bytes=0) '
                              '(with --no-fusion too: the token mixer alone against the reference)')
     parser.add_argument('--no-fusion', action='store_true',
                         help='run CPU fp32 inference without the fast path\'s fused oneDNN linears '
-                             '(MixerLayer.cpu_fused_inference=False)')
+                             '(cpu_fused_inference=False)')
     parser.add_argument('--no-onednn', action='store_true',
                         help='run the fast path\'s CPU fp32 linears (forward and input gradient) through '
                              'F.linear / MKL instead of oneDNN (onednn_linears=False)')
     parser.add_argument('--no-triton', action='store_true',
                         help='on CUDA, mix with torch ops instead of the fast path\'s Triton kernel '
-                             '(triton_mix.ENABLED=False)')
+                             '(triton=False)')
     parser.add_argument('--baseline-fp32-eager', action='store_true',
                         help='run the reference in fp32 eager whatever --precision and --compile say: the speed-up '
                              'of a whole training recipe (e.g. --precision bf16 --compile) over the plain model')

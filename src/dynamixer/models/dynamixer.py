@@ -17,6 +17,7 @@ Beyond the paper (whose official code only runs at 224 x 224):
 
 Parameter names are our own; ``dynamixer.convert_official_state_dict`` maps official checkpoints onto them.
 """
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
@@ -33,10 +34,11 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from dynamixer.models.fused import (
-    autocast_dtype, eager_cpu_inference, generate_mix_project, layer_norm, linear, linear_add, linear_gelu,
-    mix_project, onednn_fp32, onednn_inference, softmax, softmax_mixing)
+    FastPath, autocast_dtype, eager_cpu_inference, generate_mix_project, layer_norm, linear, linear_add,
+    linear_gelu, mix_project, onednn_fp32, onednn_inference, softmax, softmax_mixing)
 
-__all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'GENERATION_STRATEGIES', 'FUSIONS']
+__all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'FastPath', 'GENERATION_STRATEGIES',
+           'FUSIONS']
 
 GENERATION_STRATEGIES = ('dynamic', 'static', 'dense')
 FUSIONS = ('reweight', 'sum')
@@ -48,6 +50,13 @@ def _hooked(modules) -> bool:
     if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _plain(linears) -> bool:
+    """Whether the fused kernels may read these layers' weights instead of calling them: each is exactly an
+    ``nn.Linear`` (not a LoRA / quantized / pruned / parametrized stand-in) and nothing hooks it."""
+    return all(type(m) is nn.Linear and not m._parameters.keys() - {'weight', 'bias'} for m in linears) \
+        and not _hooked(linears)
 
 
 def _per_stage(value: Union[Any, Sequence[Any]], num_stages: int, name: str) -> Tuple[Any, ...]:
@@ -100,6 +109,7 @@ class DynaMixerOp(nn.Module):
             out_features = seq_len * seq_len if generation == 'dynamic' else seq_len
             self.generate = nn.Linear(in_features, out_features)
         self.proj = nn.Linear(dim, dim)
+        self.fast_path = FastPath()
 
     def mixing_logits(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Un-normalised mixing matrices, ``(L, S, N_out, N_in)``."""
@@ -120,32 +130,21 @@ class DynaMixerOp(nn.Module):
         logits = self.mixing_logits(x, valid)
         if valid is not None:
             logits = logits.masked_fill(~valid[:, None, None, :], float('-inf'))
-        return softmax(logits)
+        return softmax(logits) if self.fast_path.enabled else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         L, N, C = x.shape
         if N != self.seq_len:
             raise ValueError(f'this mixing op was built for lines of {self.seq_len} tokens but got {N}; '
                              f'build the model for this input size or use dynamic_img_size=True.')
-        mix = self.mixing_matrix(x, valid)
-        # the lines as a (L, 1, N, C) map whose rows are mixed
-        out = mix_project(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
-                          self.proj.bias.unsqueeze(0), (False,))
-        return out.view(-1, N, C)
-
-
-# Training memory vs speed: True recomputes the generated mixing matrices in backward instead of keeping them
-# (for dynamixer_s at batch 16 the training peak drops from about 0.85x to 0.78x of the reference's), at
-# the cost of one more generate matmul and softmax per block in backward. Read at every forward.
-RECOMPUTE_MIXING = True
-
-# CPU inference (no autograd) runs a large batch in slices whose largest temporary stays under this many bytes.
-# glibc serves every allocation above 32 MB with fresh mmap'd pages that are page-faulted and zeroed on first
-# touch, and big temporaries also fall out of cache: for dynamixer_s at batch 32 the stage-1 MLP hidden states
-# are 38 MB and the mixing matrices 67 MB. Same multiply-adds, same outputs (no layer mixes images); 0 turns it
-# off. Read at every forward; tracing, compiling and export always see the whole batch. 24 MB (10 images of
-# dynamixer_s at 224) beat 8, 16, 32 and 64 MB (3.09-3.15 s a batch of 32 against 3.22-3.56 s).
-CPU_INFERENCE_SLICE_BYTES = 24 << 20
+        mix = self.mixing_matrix(x, valid)  # (L, S, N_out, N_in)
+        if self.fast_path.enabled and _plain((self.proj,)):  # mixing and projection in one fused op
+            out = mix_project(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
+                              self.proj.bias.unsqueeze(0), (False,), self.fast_path)
+            return out.view(-1, N, C)
+        S = self.num_segments
+        mixed = mix @ x.reshape(-1, N, S, C // S).transpose(1, 2)  # each segment's channels mixed: (L, S, N, C/S)
+        return self.proj(mixed.transpose(1, 2).reshape(-1, N, C))  # -1: traced exports stay batch-dynamic
 
 
 def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> torch.Tensor:
@@ -168,10 +167,6 @@ def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> tor
 
 class DynaMixerTokenMixer(nn.Module):
     """Row, column and channel branches on an NHWC map, fused per channel (ViP-style re-weighting)."""
-
-    # CPU fp32 runs the channel, compress and output linears through oneDNN (``fused.linear``: the same values
-    # and gradients, faster on the CPUs measured); ``dynamixer bench --no-onednn`` turns it off.
-    onednn_linears: bool = True
 
     def __init__(
             self,
@@ -202,6 +197,7 @@ class DynaMixerTokenMixer(nn.Module):
         self.reweight = Mlp(dim, dim // 4, dim * 3, act_layer=act_layer) if fusion == 'reweight' else None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fast_path = FastPath()
 
     @property
     def column_op(self) -> DynaMixerOp:
@@ -216,11 +212,11 @@ class DynaMixerTokenMixer(nn.Module):
         S, d = ops[0].num_segments, ops[0].reduced_dim
         unique = list({id(op): op for op in ops}.values())
         if len(unique) == 1:
-            z = self._linear(unique[0].compress, x)
+            z = linear(x, unique[0].compress.weight, unique[0].compress.bias, self.fast_path)
         else:
             weight = torch.cat([op.compress.weight for op in unique])
             bias = torch.cat([op.compress.bias for op in unique])
-            z = linear(x, weight, bias, self.onednn_linears)
+            z = linear(x, weight, bias, self.fast_path)
         z = z.unflatten(-1, (len(unique), S, d))  # (B, H, W, ops, S, d)
         lines = [z[..., unique.index(op), :, :] for op in ops]
         lines = [z_.permute(0, 2, 3, 1, 4) if columns else z_.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
@@ -267,31 +263,53 @@ class DynaMixerTokenMixer(nn.Module):
         for branches in groups:
             ops = [col if columns else row for columns in branches]
             weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
-            if row.compress is None or not RECOMPUTE_MIXING:  # static: the (expanded) matrices cost no memory
-                out = mix_project(self._branch_mixing(x, branches), x, weight, None, branches, self.onednn_linears)
+            if row.compress is None or not self.fast_path.recompute_mixing:  # static: expanded matrices are free
+                out = mix_project(self._branch_mixing(x, branches), x, weight, None, branches, self.fast_path)
             else:
                 lines, gen_weight, gen_bias, dims = self._generator_inputs(x, branches)
-                out = generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims,
-                                           self.onednn_linears)
+                out = generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, self.fast_path)
             outs.extend(out.unbind(0))
         return outs[0], outs[1], row.proj.bias, col.proj.bias
 
-    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return layer(x) if _hooked((layer,)) else linear(x, layer.weight, layer.bias, self.onednn_linears)
+    def fusable(self) -> bool:
+        """Whether the fused kernels may serve this mixer: they read the weights of its ops' linears, of the
+        channel branch and of the output projection instead of calling them."""
+        ops = [self.row_mix] if self.col_mix is None else [self.row_mix, self.col_mix]
+        linears = [self.channel_mix, self.proj] + [layer for op in ops for layer in (
+            op.compress, getattr(op, 'generate', None), op.proj) if layer is not None]
+        return (self.fast_path.enabled and all(type(op) is DynaMixerOp for op in ops) and not _hooked(ops)
+                and _plain(linears))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_drop(self._linear(self.proj, self.fuse_branches(x)))
+        if self.fusable():
+            return self.proj_drop(linear(self.fuse_branches(x), self.proj.weight, self.proj.bias, self.fast_path))
+        return self.proj_drop(self.proj(self.plain_branches(x)))
+
+    def plain_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """The three branches and their fusion, every layer called as a module (hooks, wrappers, quantized
+        stand-ins all apply): what :meth:`fuse_branches` computes faster."""
+        B, H, W, C = x.shape
+        cols = _mix_lines(self.column_op, x.transpose(1, 2).reshape(-1, H, C), self.dynamic_size)
+        cols = cols.view(B, W, H, C).transpose(1, 2)
+        rows = _mix_lines(self.row_mix, x.reshape(-1, W, C), self.dynamic_size).view(B, H, W, C)
+        chans = self.channel_mix(x)
+        if self.reweight is None:
+            return cols + rows + chans
+        weights = self.reweight((cols + rows + chans).mean(dim=(1, 2))).view(B, C, 3).softmax(dim=-1)
+        # branch order (column, row, channel) as in the official code
+        w_col, w_row, w_chan = (w[:, None, None, :] for w in weights.unbind(-1))
+        return cols * w_col + rows * w_row + chans * w_chan
 
     def fuse_branches(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything but the output projection: the three branches, fused."""
+        """Everything but the output projection: the three branches, fused (see :meth:`fusable`)."""
         C = x.shape[-1]
         rows, cols, bias_row, bias_col = self._branches(x)
         cols = cols.transpose(1, 2)  # (B, H, W, C) view
         if self.reweight is None:
             bias = None if bias_row is None else bias_row + bias_col
-            x = linear(x, self.channel_mix.weight, bias, self.onednn_linears).add_(rows).add_(cols)
+            x = linear(x, self.channel_mix.weight, bias, self.fast_path).add_(rows).add_(cols)
         else:
-            chans = self._linear(self.channel_mix, x)
+            chans = linear(x, self.channel_mix.weight, None, self.fast_path)
             means = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
             if bias_row is not None:
                 means = means + (bias_row + bias_col)
@@ -312,16 +330,6 @@ class DynaMixerTokenMixer(nn.Module):
 class MixerLayer(nn.Module):
     """Pre-norm residual layer: token mixing, then channel MLP."""
 
-    # CPU fp32 inference runs the output projection + residual, fc1 + GELU and fc2 + residual as fused oneDNN
-    # linears (see ``fused.onednn_inference``); ``reference_model`` and ``dynamixer bench --no-fusion`` turn it off.
-    cpu_fused_inference: bool = True
-    # CPU fp32 runs the MLP's linears through oneDNN, with and without autograd (``fused.linear``);
-    # ``reference_model`` and ``dynamixer bench --no-onednn`` turn it off.
-    onednn_linears: bool = True
-    # Under autocast the LayerNorms write the low precision that all their consumers cast to anyway, instead of
-    # the fp32 that CUDA autocast gives them (``fused.layer_norm``); ``reference_model`` turns it off.
-    autocast_norms: bool = True
-
     def __init__(
             self,
             dim: int,
@@ -341,23 +349,32 @@ class MixerLayer(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.fast_path = FastPath()
+
+    def _mlp_fusable(self) -> bool:
+        mlp = self.mlp
+        return type(mlp) is Mlp and _plain((mlp.fc1, mlp.fc2)) and not _hooked(mlp.modules())
 
     def _fusable(self, x: torch.Tensor) -> bool:
+        """CPU fp32 inference: output projection + residual, fc1 + GELU and fc2 + residual as fused oneDNN
+        linears, dropout and drop path skipped (identities in eval), norms called as modules."""
         act, mixer = self.mlp.act, self.token_mixer
-        return (self.cpu_fused_inference and not self.training and isinstance(mixer, DynaMixerTokenMixer)
-                and type(act) is nn.GELU and act.approximate == 'none' and isinstance(self.mlp.norm, nn.Identity)
-                and onednn_inference(x) and not _hooked(m for m in self.modules() if m is not self))
+        return (self.fast_path.enabled and self.fast_path.cpu_fused_inference and not self.training
+                and onednn_inference(x) and type(mixer) is DynaMixerTokenMixer and mixer.fusable()
+                and self._mlp_fusable() and type(act) is nn.GELU and act.approximate == 'none'
+                and isinstance(self.mlp.norm, nn.Identity) and not _hooked(m for m in self.modules() if m is not self))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         """``self.mlp(x)``, with its linears through oneDNN where ``fused.linear`` can serve them."""
-        mlp = self.mlp
-        if not (self.onednn_linears and type(mlp) is Mlp and onednn_fp32(x)) or _hooked(mlp.modules()):
+        mlp, fast = self.mlp, self.fast_path
+        if not (fast.enabled and fast.onednn_linears and onednn_fp32(x) and self._mlp_fusable()):
             return mlp(x)
-        x = mlp.norm(mlp.drop1(mlp.act(linear(x, mlp.fc1.weight, mlp.fc1.bias))))
-        return mlp.drop2(linear(x, mlp.fc2.weight, mlp.fc2.bias))
+        x = mlp.norm(mlp.drop1(mlp.act(linear(x, mlp.fc1.weight, mlp.fc1.bias, fast))))
+        return mlp.drop2(linear(x, mlp.fc2.weight, mlp.fc2.bias, fast))
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        dtype = autocast_dtype(x) if self.autocast_norms else None
+        fast = self.fast_path
+        dtype = autocast_dtype(x) if fast.enabled and fast.autocast_norms else None
         if dtype is None or type(norm) is not nn.LayerNorm or _hooked((norm,)):
             return norm(x)
         return layer_norm(norm, x, dtype)
@@ -469,9 +486,12 @@ class DynaMixer(nn.Module):
         dynamic_img_size: accept any input size, mixing in windows of the built line length.
         stem: 'patch' (the paper: one non-overlapping conv) or 'conv' (overlapping 3 x 3 convs with BatchNorm
             down to the same grid; used by dynamixer_cifar_xs, not yet A/B-tested against 'patch': docs/cifar10.md).
+        fast_path: True (default) lets the modules use the fused kernels of ``fused.py`` where they may (same values
+            and gradients), False always calls the plain modules, a ``FastPath`` picks kernels one by one;
+            ``set_fast_path`` changes it later, for this model only.
         weight_init: 'trunc_normal' (official: linear weights with std 0.02) or 'fan_in' (std 1/sqrt(fan-in)).
             At the paper's widths the two are close; in narrow models (32-64 channels) std 0.02 leaves every
-            residual branch near zero and training idles for epochs (digits: 92% after 8 epochs vs 98% fan_in).
+            residual branch near zero and training idles for epochs (docs/training.md).
     """
 
     def __init__(
@@ -493,6 +513,7 @@ class DynaMixer(nn.Module):
             dynamic_img_size: bool = False,
             weight_init: str = 'trunc_normal',
             stem: str = 'patch',
+            fast_path: Union[bool, FastPath] = True,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -528,7 +549,6 @@ class DynaMixer(nn.Module):
             raise ValueError(f'img_size {self.img_size} is smaller than one patch of {patch_size}; '
                              f'use img_size >= patch_size.')
 
-        self.inference_slice_bytes: Optional[int] = None  # None: CPU_INFERENCE_SLICE_BYTES; 0: never slice
         self._elems_per_image = 0  # largest temporary per image at the built size (MLP hidden or mixing matrices)
         rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         dpr = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(num_stages)]
@@ -558,6 +578,24 @@ class DynaMixer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        self.fast_path = fast_path if isinstance(fast_path, FastPath) else FastPath(enabled=bool(fast_path))
+        self.set_fast_path()
+
+    def set_fast_path(self, enabled: Optional[bool] = None, **options: Any) -> 'DynaMixer':
+        """Change this model's fast path (and only this model's): ``enabled=False`` runs the plain modules,
+        other keywords are :class:`FastPath` fields, e.g. ``set_fast_path(onednn_linears=False)``. Every
+        submodule gets its own copy of the result."""
+        if enabled is not None:
+            options['enabled'] = enabled
+        unknown = sorted(set(options) - set(FastPath.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f'unknown fast-path option(s) {", ".join(unknown)}; choose from '
+                             f'{", ".join(FastPath.__dataclass_fields__)}.')
+        self.fast_path = dataclasses.replace(self.fast_path, **options)
+        for module in self.modules():
+            if module is not self and isinstance(getattr(module, 'fast_path', None), FastPath):
+                module.fast_path = dataclasses.replace(self.fast_path)
+        return self
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -651,8 +689,10 @@ class DynaMixer(nn.Module):
         return take_indices
 
     def _inference_slice(self, x: torch.Tensor) -> int:
-        """Images per slice for CPU inference under :data:`CPU_INFERENCE_SLICE_BYTES`, or 0: the whole batch."""
-        budget = CPU_INFERENCE_SLICE_BYTES if self.inference_slice_bytes is None else self.inference_slice_bytes
+        """Images per slice for CPU inference under ``fast_path.inference_slice_bytes``, or 0: the whole batch.
+        Same multiply-adds, same outputs (no layer mixes images); tracing, compiling and export see the whole
+        batch."""
+        budget = self.fast_path.inference_slice_bytes if self.fast_path.enabled else 0
         if budget <= 0 or not eager_cpu_inference(x):
             return 0
         pixels = x.shape[-2] * x.shape[-1] / (self.img_size[0] * self.img_size[1])

@@ -6,6 +6,7 @@ generated mixing matrices) instead of keeping them. CPU fp32 inference runs line
 residual add fused (oneDNN). ``dynamixer.models.reference`` is the plain oracle these are tested against
 (outputs 1e-5, gradients 1e-4).
 """
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -13,6 +14,23 @@ import torch
 from dynamixer.models import triton_mix
 
 _AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
+
+
+@dataclass
+class FastPath:
+    """What the fast path of one DynaMixer module may use, kept on the module (``DynaMixer.set_fast_path``
+    changes a whole model). Every kernel gives the plain modules' values and gradients (tested); a module takes
+    them only when the layers they read are exactly ``nn.Linear`` without hooks, and calls its modules otherwise.
+    Measurements behind the defaults: docs/benchmarks.md."""
+
+    enabled: bool = True  # False: always the plain modules
+    onednn_linears: bool = True  # CPU fp32 linears (forward and input gradient) through oneDNN ...
+    onednn_min_macs: int = 1 << 26  # ... from this many multiply-adds a call (below, its call overhead wins)
+    cpu_fused_inference: bool = True  # CPU fp32 inference: linear + bias + GELU / + residual as one oneDNN call
+    autocast_norms: bool = True  # under autocast, LayerNorms write the low precision their consumers cast to
+    recompute_mixing: bool = True  # backward regenerates the mixing matrices instead of keeping them (memory)
+    inference_slice_bytes: int = 24 << 20  # CPU inference in batch slices whose temporaries stay below this; 0: off
+    triton: bool = True  # CUDA: the Triton kernels for the mixing matmul and its backward
 
 
 def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
@@ -39,8 +57,8 @@ def layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor, dtype: torch.dtype) ->
 
 
 # torch's CPU softmax handles the part of the last dimension beyond a multiple of the vector width one element
-# at a time; DynaMixer's lines are short (4, 7, 8, 14 tokens), which makes it 5-6x slower there than the same
-# steps written as whole-tensor ops (measured: 8-token lines 4.7 ms vs 0.9 ms, 14-token lines 24 vs 4 ms).
+# at a time; DynaMixer's lines are short (4, 7, 8, 14 tokens), so whole-tensor ops win there
+# (docs/benchmarks.md, "Why the fast path's defaults").
 _CPU_SOFTMAX_WIDTH = 16
 
 
@@ -94,8 +112,7 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
 
 
 # oneDNN's linear with a fused epilogue (bias + GELU, bias + residual add): on CPU fp32 inference it saves the
-# separate bias copy, activation and add passes over the hidden states (measured: fc1 + GELU on 3 x 16 x 16
-# tokens, 384 -> 1152 channels, 7.2 ms as two ops, 3.4 ms fused). No autograd, so inference only.
+# separate bias copy, activation and add passes over the hidden states. No autograd, so inference only.
 _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
@@ -159,10 +176,9 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
 
 
-# On this project's CPUs (AMD Zen 4, fp32) oneDNN runs the model's linear shapes 10-40 % faster than the MKL
-# sgemm behind ``F.linear``, most of all the input gradient ``grad @ W``, which autograd runs in the layout MKL
-# is slowest in (measured 4096 x 384 x 1152: 131-176 vs 171-196 GFLOP/s). For the weight gradient
-# ``grad^T @ x`` MKL is the faster one (oneDNN would need both operands transposed into new memory).
+# oneDNN runs the model's fp32 linear shapes faster than the MKL sgemm behind ``F.linear`` on the CPUs
+# measured, most of all the input gradient ``grad @ W``, which autograd runs in the layout MKL is slowest in; for
+# the weight gradient ``grad^T @ x`` MKL is the faster one (oneDNN would need both operands transposed).
 class _OneDnnLinear(torch.autograd.Function):
     """``F.linear`` on 2-d ``x`` with the forward and the input gradient through oneDNN; the same values and
     gradients."""
@@ -184,21 +200,20 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-# Below this many multiply-adds a call, oneDNN's per-call overhead outweighs its speed: the digits model of the
-# main job (1024 x 64 -> 192 and smaller) trained 5 % slower with it, CIFAR-sized layers (16384 x 64 -> 192)
-# broke even; dynamixer_s's linears at 224 x 224 have 113M (3-image inference slices) to 1.8G.
-ONEDNN_MIN_MACS = 1 << 26
+def _min_macs(fast: Optional[FastPath]) -> Optional[int]:
+    """The multiply-adds from which a linear goes through oneDNN, or None: never."""
+    return fast.onednn_min_macs if fast is not None and fast.onednn_linears else None
 
 
-def _onednn_worth_it(x: torch.Tensor, out_features: int) -> bool:
-    return onednn_fp32(x) and x.numel() * out_features >= ONEDNN_MIN_MACS
+def _onednn_worth_it(x: torch.Tensor, out_features: int, min_macs: Optional[int]) -> bool:
+    return min_macs is not None and onednn_fp32(x) and x.numel() * out_features >= min_macs
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           onednn: bool = True) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN where ``onednn`` and :func:`onednn_fp32` allow and the matmul
-    is large enough (:data:`ONEDNN_MIN_MACS`; same values and gradients), through ``F.linear`` everywhere else."""
-    if not (onednn and _onednn_worth_it(x, weight.shape[0])):
+           fast: Optional[FastPath] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where ``fast`` and :func:`onednn_fp32` allow and the matmul
+    is large enough (``fast.onednn_min_macs``; same values and gradients), through ``F.linear`` everywhere else."""
+    if not _onednn_worth_it(x, weight.shape[0], _min_macs(fast)):
         return torch.nn.functional.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
@@ -233,7 +248,7 @@ def _as_autocast(mix: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torc
     return (mix, x) if dtype is None else (mix.to(dtype), x.to(dtype))
 
 
-def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
+def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...], triton: bool) -> torch.Tensor:
     """Mixed tokens of every branch as one matrix per branch, ``(K, B * L1 * N, C)``, line-major.
 
     ``mix`` is ``(K, B, L1, S, N, N)``; all branches run as one batched matmul, and one copy brings the
@@ -241,7 +256,7 @@ def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...]
     kernel does it all in one pass (``triton_mix``).
     """
     mix, x = _as_autocast(mix, x)
-    if triton_mix.usable(mix, x):
+    if triton and triton_mix.usable(mix, x):
         return triton_mix.mixed_tokens(mix, x, branches)
     K, B, L1, S, N, _ = mix.shape
     xs = _stack_segments(x, S, branches)
@@ -259,47 +274,47 @@ def _project(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         branches: Tuple[bool, ...]) -> torch.Tensor:
-    return _project(_mixed_tokens(mix, x, branches), weight, bias, mix)
+                         branches: Tuple[bool, ...], triton: bool) -> torch.Tensor:
+    return _project(_mixed_tokens(mix, x, branches, triton), weight, bias, mix)
 
 
 def _keep_mixed_tokens(x: torch.Tensor) -> bool:
-    """Whether backward gets the mixed tokens kept from forward rather than recomputed. On CPU recomputing them
-    (segment-major copy, mixing bmm, copy back) took about 2.5 % of a dynamixer_s training step, and keeping
-    them costs 8 % of its training memory; on CUDA one Triton pass recomputes them and memory is scarcer."""
+    """Whether backward gets the mixed tokens kept from forward rather than recomputed: on CPU the recompute
+    (segment-major copy, mixing bmm, copy back) costs more time than keeping them costs memory; on CUDA one
+    Triton pass recomputes them and memory is scarcer."""
     return x.device.type == 'cpu'
 
 
 def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 branches: Tuple[bool, ...], onednn: bool = True) -> torch.Tensor:
+                 branches: Tuple[bool, ...], fast: FastPath) -> torch.Tensor:
     """:class:`_MixProject` when gradients are needed, else its forward directly (traceable for export)."""
     if torch.is_grad_enabled() and (mix.requires_grad or x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return _MixProject.apply(mix, x, weight, bias, branches, onednn)
-    return _mix_project_forward(mix, x, weight, bias, branches)
+        return _MixProject.apply(mix, x, weight, bias, branches, _min_macs(fast), fast.triton)
+    return _mix_project_forward(mix, x, weight, bias, branches, fast.triton)
 
 
 def _weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a^T @ b`` per branch, ``(K, R, m), (K, R, n) -> (K, m, n)``, as one mm per branch: a batched GEMM of
-    two long reductions gets a kernel without split-K on CUDA (a profile on an H200 showed 100 us launches)."""
+    two long reductions gets a kernel without split-K on CUDA, a slow one."""
     return torch.stack([x.t() @ y for x, y in zip(a.unbind(0), b.unbind(0))])
 
 
 def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool,
-                          onednn: bool = True, mixed: Optional[torch.Tensor] = None):
-    """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``; ``onednn``
-    allows oneDNN for ``grad @ W`` (see :class:`_OneDnnLinear`); ``mixed``: the mixed tokens, if kept."""
+                          min_macs: Optional[int], triton: bool, mixed: Optional[torch.Tensor] = None):
+    """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``; ``min_macs``
+    may allow oneDNN for ``grad @ W`` (see :class:`_OneDnnLinear`); ``mixed``: the mixed tokens, if kept."""
     K, B, L1, S, N, _ = mix.shape
     grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * L1 * N, C)
     grad_mix = grad_x = grad_weight = None
     if need_weight:
-        grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches) if mixed is None else mixed)
+        grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches, triton) if mixed is None else mixed)
     if need_mix or need_x:
         mix, x = _as_autocast(mix, x)
         c = weight.shape[1] // S
-        use_triton = triton_mix.usable(mix, x)
+        use_triton = triton and triton_mix.usable(mix, x)
         # grad @ W per branch through oneDNN, written in segment-major order (not under create_graph: no derivative)
-        if onednn and not use_triton and _onednn_worth_it(grad[0], weight.shape[1]) and not torch.is_grad_enabled():
+        if not use_triton and _onednn_worth_it(grad[0], weight.shape[1], min_macs) and not torch.is_grad_enabled():
             grad_y = grad.new_empty(K, B, L1, S, N, c)
             for k in range(K):
                 grad_y[k].copy_(_onednn_linear(grad[k], weight[k].t().contiguous()).view(B, L1, N, S, c)
@@ -335,11 +350,11 @@ class _MixProject(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mix, x, weight, bias, branches: Tuple[bool, ...], onednn: bool):
-        ctx.branches, ctx.onednn = branches, onednn
+    def forward(ctx, mix, x, weight, bias, branches: Tuple[bool, ...], min_macs: Optional[int], triton: bool):
+        ctx.branches, ctx.min_macs, ctx.triton = branches, min_macs, triton
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
-        y = _mixed_tokens(mix, x, branches)
+        y = _mixed_tokens(mix, x, branches, triton)
         ctx.save_for_backward(mix, x, weight, y if _keep_mixed_tokens(x) else None)
         return _project(y, weight, bias, mix)
 
@@ -351,10 +366,10 @@ class _MixProject(torch.autograd.Function):
         grad_bias = None
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
             grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2], ctx.onednn, mixed)
+                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2], ctx.min_macs, ctx.triton, mixed)
             if need[3]:
                 grad_bias = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1)
-        return grad_mix, grad_x, grad_weight, grad_bias, None, None
+        return grad_mix, grad_x, grad_weight, grad_bias, None, None, None
 
 
 def softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.Tensor,
@@ -377,12 +392,12 @@ class _GenerateMixProject(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lines, gen_weight, gen_bias, x, weight, branches: Tuple[bool, ...], dims: Tuple[int, int, int],
-                onednn: bool):
-        ctx.branches, ctx.dims, ctx.onednn = branches, dims, onednn
+                min_macs: Optional[int], triton: bool):
+        ctx.branches, ctx.dims, ctx.min_macs, ctx.triton = branches, dims, min_macs, triton
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
         mix = softmax_mixing(lines, gen_weight, gen_bias, dims)
-        y = _mixed_tokens(mix, x, branches)
+        y = _mixed_tokens(mix, x, branches, triton)
         ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight, y if _keep_mixed_tokens(x) else None)
         return _project(y, weight, None, mix)
 
@@ -396,7 +411,7 @@ class _GenerateMixProject(torch.autograd.Function):
             mix = softmax_mixing(lines, gen_weight, gen_bias, ctx.dims)
             need_mix = need[0] or need[1] or need[2]
             grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.onednn, mixed)
+                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.min_macs, ctx.triton, mixed)
             if need_mix:
                 grad_logits = _softmax_backward(grad_mix, mix)
                 grad_logits = grad_logits.view(lines.shape[0], lines.shape[1], -1)
@@ -406,11 +421,13 @@ class _GenerateMixProject(torch.autograd.Function):
                     grad_gen_weight = _weight_grad(lines.to(grad_logits.dtype), grad_logits)
                 if need[2]:
                     grad_gen_bias = grad_logits.sum(1, keepdim=True)
-        return grad_lines, grad_gen_weight, grad_gen_bias, grad_x, grad_weight, None, None, None
+        return grad_lines, grad_gen_weight, grad_gen_bias, grad_x, grad_weight, None, None, None, None
 
 
-def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, onednn: bool = True):
+def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, fast: FastPath):
     """:class:`_GenerateMixProject` when gradients are needed, else its forward directly."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, gen_weight, gen_bias, x, weight)):
-        return _GenerateMixProject.apply(lines, gen_weight, gen_bias, x, weight, branches, dims, onednn)
-    return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches)
+        return _GenerateMixProject.apply(lines, gen_weight, gen_bias, x, weight, branches, dims, _min_macs(fast),
+                                         fast.triton)
+    return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches,
+                                fast.triton)

@@ -4,7 +4,7 @@ Each program multiplies one (line, segment) mixing matrix P (N x N) with that se
 from the NHWC map (a row or a column of it), and writes the mixed tokens in the line-major layout the output
 projection reads. The torch path needs a segment-major copy of the map before its batched matmul and a
 transposed copy after it, and cuBLAS serves 16- and 32-token matrices with kernels far from the memory
-bandwidth (an H200 profile of dynamixer_s inference: about 200 us per launch, 2.5-6x the time its bytes need).
+bandwidth (profiles: docs/benchmarks.md).
 
 Without triton (CPU-only torch builds) or a CUDA tensor, ``fused._mixed_tokens`` keeps the torch path. Set
 ``TRITON_INTERPRET=1`` before importing this module to run the kernel on CPU tensors (the tests do).
@@ -22,7 +22,6 @@ except ImportError:  # pragma: no cover  (CPU-only torch installs come without t
     triton = None
 
 # Read at every call; ``dynamixer bench --no-triton`` turns it off to time the torch path.
-ENABLED = True
 _INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 
@@ -30,7 +29,7 @@ def usable(mix: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :func:`mixed_tokens` may serve these tensors: eager CUDA (or the interpreter), same float dtype,
     and no dispatch mode watching (``FlopCounterMode`` must see the matmul, fake tensors have no memory).
     The compile check comes first: dynamo cannot trace the dispatch-mode query and would break the graph."""
-    return (ENABLED and triton is not None and (x.is_cuda or _INTERPRET)
+    return (triton is not None and (x.is_cuda or _INTERPRET)
             and not (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
                      or torch.onnx.is_in_onnx_export())
             and mix.device == x.device and mix.dtype == x.dtype
