@@ -11,7 +11,7 @@ Beyond the paper (whose official code only runs at 224 x 224):
     * builds for any ``img_size`` (non-square too), with the right line length per stage;
     * ``dynamic_img_size=True`` runs at any input size without rebuilding, mixing in windows of the
       trained line length (lines padded and masked where they do not fill a window);
-    * checkpoints trained at one size load into a model built for another (see ``dynamixer.convert``);
+    * checkpoints trained at one size load into a model built for another (``models/state_dict.py``);
     * the paper's ablation knobs (generation strategy, segments, reduced dim, row/column sharing, fusion)
       are constructor arguments of every variant.
 
@@ -33,6 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from dynamixer.models.state_dict import adapt_state_dict
 from dynamixer.models.fused import (
     FastPath, autocast_dtype, eager_cpu_inference, generate_mix_project, layer_norm, linear, linear_add,
     linear_gelu, mix_project, onednn_fp32, onednn_inference, softmax, softmax_mixing)
@@ -723,7 +724,6 @@ class DynaMixer(nn.Module):
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DynaMixer) -> Dict[str, torch.Tensor]:
     """timm's hook for pretrained loading: official layouts, other input sizes and mismatches handled."""
-    from dynamixer.convert import adapt_state_dict
     return adapt_state_dict(state_dict, model)
 
 
