@@ -7,9 +7,11 @@ recipe. A run writes to ``--output``: args.yaml, metrics.jsonl, curves.png, the 
 folder (``model/``, loadable with ``timm.create_model('local-dir:OUTPUT/model', pretrained=True)``) and
 checkpoint.pth, the full training state that ``--resume`` continues from.
 
-The loop is deliberately one plain function (``run``), in the spirit of nanoGPT's train.py: data, model,
-optimiser and scheduler come from timm and torch; what is ours is the order of the steps and the care that
-makes a killed run resumable to the same bits.
+The loop is deliberately one plain loop (in ``_train``, one screen long), in the spirit of nanoGPT's
+train.py: data, model, optimiser and scheduler come from timm and torch (``prepare_data``,
+``prepare_optimisation``); what is ours is the order of the steps (``train_step``, ``optimiser_step``,
+``validate_and_save``) and the care that makes a killed run resumable to the same bits (``restore``). The
+settings and recipes are in ``dynamixer.settings``.
 """
 import argparse
 import hashlib
@@ -21,6 +23,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -327,34 +330,15 @@ def run(args: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
-def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: bool, master: bool,
-           t_start: float) -> None:
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
-    from tqdm import tqdm
+def prepare_data(cfg, device: torch.device, rank: int, world: int, log: Callable) -> SimpleNamespace:
+    """The model (on ``device``) and what feeds it: splits, transforms or tensor batches, loaders, step counts."""
     from dynamixer.data import collate, eval_transform, load_splits, train_transform
-    from dynamixer.evaluate import evaluate, summarize
-
-    log = print if master else (lambda *a, **k: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-    seed_everything(cfg.seed)  # same on every rank: identical initial weights
-
-    # -- data and model
     splits = load_splits(cfg.data, cfg.data_dir, cfg.val_split, cfg.split_seed, cfg.in_chans, cfg.limit_train,
                          cfg.limit_val)
-    classes = splits.classes
     img_size = cfg.img_size or (splits.native_size if cfg.data == 'digits' else None)
-    model = build_model(cfg, len(classes), splits.in_chans, img_size)
+    model = build_model(cfg, len(splits.classes), splits.in_chans, img_size)
     small = min(model.img_size) <= 64
-    data_config = set_data_cfg(model, classes, splits.in_chans, small)
+    data_config = set_data_cfg(model, splits.classes, splits.in_chans, small)
     crop = cfg.crop if cfg.crop != 'auto' else ('none' if cfg.data == 'digits' else 'pad' if small else 'rrc')
     hflip = cfg.hflip if cfg.hflip is not None else (0. if cfg.data == 'digits' else 0.5)
     file_only = [flag for flag, on in (('--aa', cfg.aa), ('--color-jitter', cfg.color_jitter),
@@ -373,273 +357,284 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
-    raw_model = model  # the plain module: what we save, evaluate and average
 
     if cfg.batch_size % (world * cfg.accum_steps):
         raise ValueError(f'--batch-size {cfg.batch_size} (the total per optimiser step) is not divisible by '
                          f'{world} processes x {cfg.accum_steps} accumulation steps; adjust one of them.')
     micro_batch = cfg.batch_size // (world * cfg.accum_steps)
-    per_rank = math.ceil(len(splits.train) / world)
-    steps_per_epoch = per_rank // (micro_batch * cfg.accum_steps)
+    steps_per_epoch = math.ceil(len(splits.train) / world) // (micro_batch * cfg.accum_steps)
     if steps_per_epoch < 1:
         raise ValueError(f'{len(splits.train)} training images are fewer than one batch of {cfg.batch_size}; '
                          f'use a smaller --batch-size.')
-    loader_rng = torch.Generator()  # the loader's own RNG, so it never draws from the checkpointed global one
-    n_skipped = 0
+    data = SimpleNamespace(model=model, splits=splits, classes=splits.classes, data_config=data_config,
+                           micro_batch=micro_batch, sampler=None, n_skipped=0,
+                           loader_rng=torch.Generator())  # the loader's own RNG, never the checkpointed global one
     if use_tensors:
-        loader, val_loader, n_skipped = tensor_loaders(cfg, splits, model, data_config, crop, hflip, micro_batch,
-                                                       rank, world, log)
-        steps_per_epoch = len(loader) // cfg.accum_steps
+        data.loader, data.val_loader, data.n_skipped = tensor_loaders(cfg, splits, model, data_config, crop, hflip,
+                                                                      micro_batch, rank, world, log)
+        steps_per_epoch = len(data.loader) // cfg.accum_steps
     else:
-        sampler = EpochSampler(splits.train, world, rank, cfg.seed,
-                               steps_per_epoch * cfg.accum_steps * micro_batch)
+        data.sampler = EpochSampler(splits.train, world, rank, cfg.seed,
+                                    steps_per_epoch * cfg.accum_steps * micro_batch)
         workers = cfg.workers if cfg.workers is not None else (0 if cfg.data == 'digits' else
                                                                min(4, os.cpu_count() or 1))
-        loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, num_workers=workers,
-                            collate_fn=collate, generator=loader_rng, pin_memory=device.type == 'cuda',
-                            drop_last=True)
+        data.loader = DataLoader(splits.train, batch_size=micro_batch, sampler=data.sampler, num_workers=workers,
+                                 collate_fn=collate, generator=data.loader_rng, pin_memory=device.type == 'cuda',
+                                 drop_last=True)
         val_set = Subset(splits.val, range(rank, len(splits.val), world))  # no padding: exact metrics over ranks
-        val_loader = DataLoader(val_set, batch_size=micro_batch * 2, num_workers=workers, collate_fn=collate)
+        data.val_loader = DataLoader(val_set, batch_size=micro_batch * 2, num_workers=workers, collate_fn=collate)
+    data.steps_per_epoch = steps_per_epoch
+    return data
 
-    # -- optimisation
-    optimizer = create_optimizer_v2(param_groups(raw_model, cfg.weight_decay, cfg.backbone_lr_scale), opt=cfg.opt,
+
+def prepare_optimisation(cfg, model: nn.Module, data: SimpleNamespace, device: torch.device,
+                         log: Callable) -> SimpleNamespace:
+    """Optimiser, scheduler (rebuilt by ``make_scheduler`` when a time budget sets the epochs), EMA, precision,
+    gradient scaler, mixup and loss."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    optimizer = create_optimizer_v2(param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale), opt=cfg.opt,
                                     lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
     def make_scheduler(epochs: int):  # the warm-up does not depend on epochs, so a budget can set them later
         return create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=epochs, min_lr=cfg.min_lr,
                                    warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-                                   step_on_epochs=False, updates_per_epoch=steps_per_epoch)[0]
-    scheduler = make_scheduler(cfg.epochs)
-    ema = ModelEmaV3(raw_model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+                                   step_on_epochs=False, updates_per_epoch=data.steps_per_epoch)[0]
     amp_dtype = resolve_amp(cfg.amp, device)
     if cfg.amp == 'auto':
         log(f'--amp auto: {"bf16 autocast" if amp_dtype else "fp32 (no fast bf16 on this " + device.type + ")"}')
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
-    if cfg.amp == 'fp16' and device.type == 'cpu':  # measured: docs/benchmarks.md, bf16 autocast and torch.compile
+    if cfg.amp == 'fp16' and device.type == 'cpu':  # docs/benchmarks.md, bf16 autocast and torch.compile
         log('note: --amp fp16 on CPU is slow (most CPUs lack fp16 matmul instructions and torch falls back to a '
             'slow kernel in backward); --amp bf16 is the CPU choice.', file=sys.stderr)
-    mixup = None
+    mixup, loss_fn = None, nn.CrossEntropyLoss()
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                      num_classes=len(classes))
+                      num_classes=len(data.classes))
         loss_fn = SoftTargetCrossEntropy()
     elif cfg.smoothing > 0:
         loss_fn = LabelSmoothingCrossEntropy(cfg.smoothing)
-    else:
-        loss_fn = nn.CrossEntropyLoss()
+    return SimpleNamespace(optimizer=optimizer, make_scheduler=make_scheduler, scheduler=make_scheduler(cfg.epochs),
+                           ema=ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None,
+                           amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16'),
+                           mixup=mixup, loss_fn=loss_fn)
 
-    # -- where we are: a fresh start, or the checkpoint of a killed run
-    start_epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1., []
-    planned = not cfg.time_budget  # a budgeted run plans its epochs once, from the first steps' speed
-    running = dict(loss_sum=0., samples=0)
+
+def restore(cfg, ckpt_path: Path, model: nn.Module, opt: SimpleNamespace, state: SimpleNamespace,
+            steps_per_epoch: int, rank: int, world: int, master: bool, log: Callable) -> None:
+    """Where a killed run stopped: weights, optimiser, schedule, position, history and every rank's RNGs."""
+    from dynamixer.convert import torch_load
+    if not ckpt_path.is_file():
+        raise ValueError(f'nothing to resume: {ckpt_path} does not exist; start without --resume.')
+    ckpt = torch_load(ckpt_path, 'a training checkpoint', 'the checkpoint.pth that dynamixer train writes; '
+                      'restore it or start again without --resume')
+    try:
+        model.load_state_dict(ckpt['model'])
+        if opt.ema is not None and ckpt.get('ema') is not None:
+            opt.ema.module.load_state_dict(ckpt['ema'])
+    except RuntimeError as e:
+        raise ValueError(f'{ckpt_path} holds another model than these settings build '
+                         f'({str(e).splitlines()[0]}); resume with the settings it was trained with.') from None
+    opt.optimizer.load_state_dict(ckpt['optimizer'])
+    opt.scheduler.load_state_dict(ckpt['scheduler'])
+    opt.scaler.load_state_dict(ckpt['scaler'])
+    state.epoch, state.step_in_epoch, state.global_step = ckpt['epoch'], ckpt['step_in_epoch'], ckpt['global_step']
+    state.planned = state.planned or ckpt.get('planned', False)
+    if cfg.time_budget and state.planned:  # the budget was spent on the interrupted run's plan
+        opt.scheduler = opt.make_scheduler(cfg.epochs)
+    state.best_top1, state.history, state.running = ckpt['best_top1'], list(ckpt['history']), dict(ckpt['running'])
+    saved_ranks = ckpt.get('ranks') or [dict(rng=ckpt['rng'], running=state.running)]
+    if rank < len(saved_ranks) and len(saved_ranks) == world:
+        set_rng_state(saved_ranks[rank]['rng'])
+        state.running = dict(saved_ranks[rank]['running'])
+    elif master:  # resumed with another process count: rank 0 continues its stream, the others start anew
+        set_rng_state(saved_ranks[0]['rng'])
+    else:
+        seed_everything(cfg.seed + 1000 * rank + state.global_step)
+    log(f'resumed from {ckpt_path}: epoch {state.epoch + 1}, step {state.step_in_epoch}/{steps_per_epoch}')
+
+
+def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: bool, master: bool,
+           t_start: float) -> None:
+    from tqdm import tqdm
+    from dynamixer.evaluate import evaluate, summarize
+
+    log = print if master else (lambda *a, **k: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    seed_everything(cfg.seed)  # same on every rank: identical initial weights
+    data = prepare_data(cfg, device, rank, world, log)
+    raw_model = data.model  # the plain module: what we save, evaluate and average
+    opt = prepare_optimisation(cfg, raw_model, data, device, log)
+    # where we are; a budgeted run plans its epochs once, from the first steps' speed
+    state = SimpleNamespace(epoch=0, step_in_epoch=0, global_step=0, best_top1=-1., history=[],
+                            running=dict(loss_sum=0., samples=0), planned=not cfg.time_budget)
     ckpt_path = out / CHECKPOINT
     if cfg.resume:
-        if not ckpt_path.is_file():
-            raise ValueError(f'nothing to resume: {ckpt_path} does not exist; start without --resume.')
-        from dynamixer.convert import torch_load
-        ckpt = torch_load(ckpt_path, 'a training checkpoint', 'the checkpoint.pth that dynamixer train writes; '
-                          'restore it or start again without --resume')
-        try:
-            raw_model.load_state_dict(ckpt['model'])
-            if ema is not None and ckpt.get('ema') is not None:
-                ema.module.load_state_dict(ckpt['ema'])
-        except RuntimeError as e:
-            raise ValueError(f'{ckpt_path} holds another model than these settings build '
-                             f'({str(e).splitlines()[0]}); resume with the settings it was trained with.') from None
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        scaler.load_state_dict(ckpt['scaler'])
-        start_epoch, step_in_epoch, global_step = ckpt['epoch'], ckpt['step_in_epoch'], ckpt['global_step']
-        planned = planned or ckpt.get('planned', False)
-        if cfg.time_budget and planned:  # the budget was spent on the interrupted run's plan
-            scheduler = make_scheduler(cfg.epochs)
-        best_top1, history, running = ckpt['best_top1'], list(ckpt['history']), dict(ckpt['running'])
-        saved_ranks = ckpt.get('ranks') or [dict(rng=ckpt['rng'], running=running)]
-        if rank < len(saved_ranks) and len(saved_ranks) == world:
-            set_rng_state(saved_ranks[rank]['rng'])
-            running = dict(saved_ranks[rank]['running'])
-        elif master:  # resumed with another process count: rank 0 continues its stream, the others start anew
-            set_rng_state(saved_ranks[0]['rng'])
-        else:
-            seed_everything(cfg.seed + 1000 * rank + global_step)
-        log(f'resumed from {ckpt_path}: epoch {start_epoch + 1}, step {step_in_epoch}/{steps_per_epoch}')
+        restore(cfg, ckpt_path, raw_model, opt, state, data.steps_per_epoch, rank, world, master, log)
     else:
         seed_everything(cfg.seed + rank)  # distinct augmentation and drop-path per rank
     if master:
         save_settings(cfg, out)
-
-    if cfg.compile:
-        model = torch.compile(model)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     if ddp:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    steps_per_epoch = data.steps_per_epoch
 
     def save_checkpoint(epoch: int, step: int) -> None:
         """Called on every rank: each one's RNGs and running loss go in, so that a resumed DDP run is bitwise
         the run it continues; rank 0 writes."""
-        ranks = [dict(rng=rng_state(), running=dict(running))]
+        ranks = [dict(rng=rng_state(), running=dict(state.running))]
         if ddp:
             ranks = [None] * world
-            dist.all_gather_object(ranks, dict(rng=rng_state(), running=dict(running)))
+            dist.all_gather_object(ranks, dict(rng=rng_state(), running=dict(state.running)))
         if not master:
             return
-        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                     ema=ema.module.state_dict() if ema is not None else None,
-                     epoch=epoch, step_in_epoch=step, global_step=global_step, best_top1=best_top1,
-                     history=history, running=running, rng=ranks[0]['rng'], ranks=ranks,
-                     settings=json.dumps(vars(cfg)), planned=planned)
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-
-    warned = set()
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f'{cfg.model}: {n_params / 1e6:.2f}M parameters, input {tuple(data_config["input_size"])}; '
-        f'{splits.name}: {len(splits.train)} train / {len(splits.val)} val images, {len(classes)} classes; '
-        f'{world} process(es) on {device.type}, batch {cfg.batch_size} '
-        f'({micro_batch} x {world} x {cfg.accum_steps}), {steps_per_epoch} steps/epoch')
+        ckpt = dict(model=raw_model.state_dict(), optimizer=opt.optimizer.state_dict(),
+                    scheduler=opt.scheduler.state_dict(), scaler=opt.scaler.state_dict(),
+                    ema=opt.ema.module.state_dict() if opt.ema is not None else None,
+                    epoch=epoch, step_in_epoch=step, global_step=state.global_step, best_top1=state.best_top1,
+                    history=state.history, running=state.running, rng=ranks[0]['rng'], ranks=ranks,
+                    settings=json.dumps(vars(cfg)), planned=state.planned)
+        atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
 
     def set_epochs(epochs: int) -> None:
         """A new schedule length, the same on every rank (rank 0's timing decides), saved for --resume."""
-        nonlocal scheduler
         if ddp:
             agreed = torch.tensor(epochs, device=device)
             dist.broadcast(agreed, 0)
             epochs = int(agreed.item())
-        cfg.epochs, scheduler = epochs, make_scheduler(epochs)
+        cfg.epochs, opt.scheduler = epochs, opt.make_scheduler(epochs)
         if master:
             save_settings(cfg, out)
 
-    calibration = (min(CALIBRATION[0], steps_per_epoch - 1), min(CALIBRATION[1], steps_per_epoch))
-    planned_at = None  # (epoch, time) at the end of the epoch in which the budget was planned
-    epoch_cap = cfg.epochs
-    t_calibration = time.time()
-    epoch = start_epoch
-    while epoch < cfg.epochs:
-        # -- train one epoch
-        if use_tensors:
-            loader.set_epoch(epoch, step_in_epoch * cfg.accum_steps)
-        else:
-            sampler.set_epoch(epoch)
-            sampler.start = step_in_epoch * cfg.accum_steps * micro_batch
-        splits.train.epoch = epoch
-        loader_rng.manual_seed(cfg.seed * 100003 + epoch)
-        if step_in_epoch == 0:
-            running = dict(loss_sum=0., samples=0)
-        model.train()
-        t0 = time.time()
-        seen_now = 0
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f'epoch {epoch + 1}/{cfg.epochs}',
-                   disable=not (master and cfg.progress), unit='step', dynamic_ncols=True, leave=False)
-        micro = 0
-        for images, targets, bad in loader:
-            for b in bad:
-                if b.path not in warned:
-                    warned.add(b.path)
-                    tqdm.write(f'warning: skipped unreadable image {b.path} ({b.reason})', file=sys.stderr)
-            micro += 1
-            last_micro = micro % cfg.accum_steps == 0
-            blank = len(targets) == 0  # every image of the batch was unreadable
-            if blank and not ddp:
-                continue
-            if blank:  # every rank must join DDP's gradient all-reduce: a zero-weight step on blank images
-                images, targets = torch.zeros(2, *data_config['input_size']), torch.zeros(2, dtype=torch.long)
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            soft = targets
-            if mixup is not None:
-                if len(targets) % 2:  # mixup pairs images: drop one when a skipped image left an odd batch
-                    images, targets = images[:-1], targets[:-1]
-                images, soft = mixup(images, targets)
-            sync = nullcontext() if (not ddp or last_micro) else model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = loss_fn(model(images), soft) * (0. if blank else 1.)
-                bad_loss = torch.tensor(float(not torch.isfinite(loss).item()), device=device)
-                if ddp:  # every rank must stop together, or the others wait forever in all-reduce
-                    dist.all_reduce(bad_loss)
-                if bad_loss.item():
-                    raise NonFiniteLossError(
-                        f'the loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} (optimiser '
-                        f'step {global_step + 1}); training stopped. The last good checkpoint is {ckpt_path} '
-                        f'(continue with --resume); lower --lr or set --clip-grad.')
-                scaler.scale(loss / cfg.accum_steps).backward()
-            counted = 0 if blank else len(targets)
-            running['loss_sum'] += loss.item() * counted
-            running['samples'] += counted
-            seen_now += counted
-            if not last_micro:
-                continue
-            scheduler.step_update(num_updates=global_step)  # this step's learning rate
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            step_in_epoch += 1
-            if ema is not None:
-                ema.update(raw_model, step=global_step)
-            if not planned and step_in_epoch == calibration[0]:
-                t_calibration = time.time()
-            if not planned and step_in_epoch == calibration[1]:
-                step_s = (time.time() - t_calibration) / (calibration[1] - calibration[0])
-                set_epochs(plan_epochs(cfg.time_budget * 60, time.time() - t_start, step_s, steps_per_epoch,
-                                       step_in_epoch, len(val_loader), cfg.epochs))
-                planned = True
-                bar.set_description(f'epoch {epoch + 1}/{cfg.epochs}')
-                if master:
-                    tqdm.write(f'time budget {cfg.time_budget:g} min: {step_s * 1000:.0f} ms a step, '
-                               f'{time.time() - t_start:.0f}s spent, so {cfg.epochs} epochs')
-            bar.update(1)
-            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[-1]["lr"]:.2e}')
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-                save_checkpoint(epoch, step_in_epoch)
-        bar.close()
-        train_time = time.time() - t0
+    warned = set()
 
-        # -- validate (the EMA when there is one), reduce over ranks, log, save
-        stats = torch.tensor([running['loss_sum'], running['samples'], seen_now], dtype=torch.float64, device=device)
-        sums = evaluate(ema.module if ema is not None else raw_model, val_loader, device, len(classes), amp_dtype)
-        for b in sums['unreadable']:
+    def warn_unreadable(bad, write=print) -> None:
+        for b in bad:
             if b.path not in warned:
                 warned.add(b.path)
-                print(f'warning: skipped unreadable image {b.path} ({b.reason})', file=sys.stderr)
+                write(f'warning: skipped unreadable image {b.path} ({b.reason})', file=sys.stderr)
+
+    def train_step(images, targets, last_micro: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients all-reduced on its last one); the loss."""
+        blank = len(targets) == 0  # every image of the batch was unreadable: join DDP's all-reduce anyway
+        if blank:
+            images, targets = torch.zeros(2, *data.data_config['input_size']), torch.zeros(2, dtype=torch.long)
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        soft = targets
+        if opt.mixup is not None:
+            if len(targets) % 2:  # mixup pairs images: drop one when a skipped image left an odd batch
+                images, targets = images[:-1], targets[:-1]
+            images, soft = opt.mixup(images, targets)
+        with nullcontext() if (not ddp or last_micro) else model.no_sync():
+            with torch.autocast(device.type, dtype=opt.amp_dtype or torch.float32, enabled=opt.amp_dtype is not None):
+                loss = opt.loss_fn(model(images), soft) * (0. if blank else 1.)
+            bad_loss = torch.tensor(float(not torch.isfinite(loss).item()), device=device)
+            if ddp:  # every rank must stop together, or the others wait forever in all-reduce
+                dist.all_reduce(bad_loss)
+            if bad_loss.item():
+                raise NonFiniteLossError(
+                    f'the loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step_in_epoch + 1} '
+                    f'(optimiser step {state.global_step + 1}); training stopped. The last good checkpoint is '
+                    f'{ckpt_path} (continue with --resume); lower --lr or set --clip-grad.')
+            opt.scaler.scale(loss / cfg.accum_steps).backward()
+        state.running['loss_sum'] += loss.item() * (0 if blank else len(targets))
+        state.running['samples'] += 0 if blank else len(targets)
+        return loss
+
+    def optimiser_step() -> None:
+        opt.scheduler.step_update(num_updates=state.global_step)  # this step's learning rate
+        if cfg.clip_grad:
+            opt.scaler.unscale_(opt.optimizer)
+            nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        state.step_in_epoch += 1
+        if opt.ema is not None:
+            opt.ema.update(raw_model, step=state.global_step)
+
+    def validate_and_save(train_time: float, seen: int) -> None:
+        """Validate (the EMA when there is one), reduce over ranks, log, save the model, metrics and checkpoint."""
+        stats = torch.tensor([state.running['loss_sum'], state.running['samples'], seen], dtype=torch.float64,
+                             device=device)
+        sums = evaluate(opt.ema.module if opt.ema is not None else raw_model, data.val_loader, device,
+                        len(data.classes), opt.amp_dtype)
+        warn_unreadable(sums['unreadable'])
         if ddp:
             for t in (stats, sums['loss_sum'], sums['hits'], sums['confusion']):
                 dist.all_reduce(t)
         val = summarize(sums)
-        record = dict(epoch=epoch + 1, train_loss=stats[0].item() / max(stats[1].item(), 1), val_loss=val['loss'],
-                      val_top1=val['top1'], val_top5=val['top5'], val_images=val['count'], lr=optimizer.param_groups[-1]['lr'],
-                      img_per_sec=stats[2].item() / max(train_time, 1e-9), epoch_time=train_time,
-                      wall_min=(time.time() - t_start) / 60)
-        history.append(record)
-        log(f'epoch {epoch + 1}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}  val_loss {val["loss"]:.4f}  '
-            f'val_top1 {val["top1"]:.2f}%  val_top5 {val["top5"]:.2f}%  lr {record["lr"]:.2e}  '
+        record = dict(epoch=state.epoch + 1, train_loss=stats[0].item() / max(stats[1].item(), 1),
+                      val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'], val_images=val['count'],
+                      lr=opt.optimizer.param_groups[-1]['lr'], img_per_sec=stats[2].item() / max(train_time, 1e-9),
+                      epoch_time=train_time, wall_min=(time.time() - t_start) / 60)
+        state.history.append(record)
+        log(f'epoch {state.epoch + 1}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}  val_loss {val["loss"]:.4f}'
+            f'  val_top1 {val["top1"]:.2f}%  val_top5 {val["top5"]:.2f}%  lr {record["lr"]:.2e}  '
             f'{record["img_per_sec"]:.0f} img/s  {train_time:.1f}s')
-        step_in_epoch = 0
+        state.step_in_epoch = 0
         if master:
-            if val['top1'] > best_top1 or cfg.save_model == 'last':
-                best_top1 = max(best_top1, val['top1'])
-                save_model_dir(ema.module if ema is not None else raw_model, out / 'model', classes)
-            write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in history))
-            plot_curves(history, out / 'curves.png')
-        save_checkpoint(epoch + 1, 0)
-        epoch += 1
-        if planned_at is None and planned:
-            planned_at = (epoch, time.time())  # epochs after this one show the steady speed
-        elif cfg.time_budget and not cfg.resume and planned_at and epoch < cfg.epochs:
-            # Re-plan from whole epochs (validation included): after the first one either way, while the
-            # cosine is still near its peak; later only shorter (a busy machine), so that it still ends in time.
-            epoch_s = (time.time() - planned_at[1]) / (epoch - planned_at[0])
-            fits = min(epoch_cap, epoch + int(0.98 * (cfg.time_budget * 60 - (time.time() - t_start)) // epoch_s))
-            if fits < cfg.epochs or (fits > cfg.epochs and epoch == planned_at[0] + 1):
-                log(f'time budget: a whole epoch takes {epoch_s:.0f}s, so the schedule now ends after epoch '
-                    f'{max(fits, epoch)} (was {cfg.epochs})')
-                set_epochs(max(fits, epoch))
+            if val['top1'] > state.best_top1 or cfg.save_model == 'last':
+                state.best_top1 = max(state.best_top1, val['top1'])
+                save_model_dir(opt.ema.module if opt.ema is not None else raw_model, out / 'model', data.classes)
+            write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in state.history))
+            plot_curves(state.history, out / 'curves.png')
+        save_checkpoint(state.epoch + 1, 0)
 
-    if ddp:
-        dist.barrier()  # rank 0 has written everything before anyone reports done
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log(f'{cfg.model}: {n_params / 1e6:.2f}M parameters, input {tuple(data.data_config["input_size"])}; '
+        f'{data.splits.name}: {len(data.splits.train)} train / {len(data.splits.val)} val images, '
+        f'{len(data.classes)} classes; {world} process(es) on {device.type}, batch {cfg.batch_size} '
+        f'({data.micro_batch} x {world} x {cfg.accum_steps}), {steps_per_epoch} steps/epoch')
+    calibration = (min(CALIBRATION[0], steps_per_epoch - 1), min(CALIBRATION[1], steps_per_epoch))
+    budget = SimpleNamespace(cap=cfg.epochs, t_calibration=time.time(), planned_at=None)
+    while state.epoch < cfg.epochs:  # ---------------------------------------------------------- the loop
+        data.splits.train.epoch = state.epoch
+        data.loader_rng.manual_seed(cfg.seed * 100003 + state.epoch)
+        if data.sampler is None:
+            data.loader.set_epoch(state.epoch, state.step_in_epoch * cfg.accum_steps)
+        else:
+            data.sampler.set_epoch(state.epoch)
+            data.sampler.start = state.step_in_epoch * cfg.accum_steps * data.micro_batch
+        if state.step_in_epoch == 0:
+            state.running = dict(loss_sum=0., samples=0)
+        model.train()
+        t0, seen_before, micro = time.time(), state.running['samples'], 0
+        bar = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f'epoch {state.epoch + 1}/{cfg.epochs}',
+                   disable=not (master and cfg.progress), unit='step', dynamic_ncols=True, leave=False)
+        for images, targets, bad in data.loader:
+            warn_unreadable(bad, tqdm.write)
+            micro += 1
+            if len(targets) == 0 and not ddp:
+                continue
+            loss = train_step(images, targets, last_micro=micro % cfg.accum_steps == 0)
+            if micro % cfg.accum_steps:
+                continue
+            optimiser_step()
+            if not state.planned:
+                plan_budget(cfg, state, budget, calibration, steps_per_epoch, len(data.val_loader), t_start,
+                            set_epochs, bar, tqdm.write if master else None)
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{opt.optimizer.param_groups[-1]["lr"]:.2e}')
+            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 \
+                    and state.step_in_epoch < steps_per_epoch:
+                save_checkpoint(state.epoch, state.step_in_epoch)
+        bar.close()
+        validate_and_save(time.time() - t0, state.running['samples'] - seen_before)
+        state.epoch += 1
+        replan_budget(cfg, state, budget, t_start, set_epochs, log)
+
     if ddp:  # data parallelism must end with identical replicas: say so, or stop loudly
+        dist.barrier()  # rank 0 has written everything before anyone reports done
         hashes = [None] * world
         dist.all_gather_object(hashes, weights_hash(raw_model))
         if len(set(hashes)) > 1:
@@ -650,9 +645,44 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
     n_bad = torch.tensor(float(len(warned)), device=device)
     if ddp:
         dist.all_reduce(n_bad)
-    n_bad += n_skipped
+    n_bad += data.n_skipped
     if n_bad.item():
         log(f'skipped {int(n_bad.item())} unreadable image(s) in all', file=sys.stderr)
-    if history:
-        log(f'done: best val top-1 {best_top1:.2f}%, last {history[-1]["val_top1"]:.2f}%; model in {out / "model"}, '
-            f'metrics in {out / "metrics.jsonl"}')
+    if state.history:
+        log(f'done: best val top-1 {state.best_top1:.2f}%, last {state.history[-1]["val_top1"]:.2f}%; model in '
+            f'{out / "model"}, metrics in {out / "metrics.jsonl"}')
+
+
+def plan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, calibration, steps_per_epoch: int,
+                val_batches: int, t_start: float, set_epochs: Callable, bar, write: Optional[Callable]) -> None:
+    """During the first steps of a --time-budget run: time steps CALIBRATION[0] to [1], then set the epochs."""
+    if state.step_in_epoch == calibration[0]:
+        budget.t_calibration = time.time()
+    if state.step_in_epoch != calibration[1]:
+        return
+    step_s = (time.time() - budget.t_calibration) / (calibration[1] - calibration[0])
+    set_epochs(plan_epochs(cfg.time_budget * 60, time.time() - t_start, step_s, steps_per_epoch,
+                           state.step_in_epoch, val_batches, cfg.epochs))
+    state.planned = True
+    bar.set_description(f'epoch {state.epoch + 1}/{cfg.epochs}')
+    if write:
+        write(f'time budget {cfg.time_budget:g} min: {step_s * 1000:.0f} ms a step, '
+              f'{time.time() - t_start:.0f}s spent, so {cfg.epochs} epochs')
+
+
+def replan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, t_start: float, set_epochs: Callable,
+                  log: Callable) -> None:
+    """After each whole epoch of a --time-budget run: re-plan from whole epochs (validation included), after
+    the first one either way, while the cosine is still near its peak; later only shorter (a busy machine), so
+    that the run still ends in time."""
+    if budget.planned_at is None and state.planned:
+        budget.planned_at = (state.epoch, time.time())  # epochs after this one show the steady speed
+        return
+    if not (cfg.time_budget and not cfg.resume and budget.planned_at and state.epoch < cfg.epochs):
+        return
+    epoch_s = (time.time() - budget.planned_at[1]) / (state.epoch - budget.planned_at[0])
+    fits = min(budget.cap, state.epoch + int(0.98 * (cfg.time_budget * 60 - (time.time() - t_start)) // epoch_s))
+    if fits < cfg.epochs or (fits > cfg.epochs and state.epoch == budget.planned_at[0] + 1):
+        log(f'time budget: a whole epoch takes {epoch_s:.0f}s, so the schedule now ends after epoch '
+            f'{max(fits, state.epoch)} (was {cfg.epochs})')
+        set_epochs(max(fits, state.epoch))
