@@ -130,10 +130,10 @@ def test_fast_path_settings_are_per_model():
 
 
 def test_the_fast_kernels_are_taken_only_for_plain_unhooked_layers(monkeypatch):
-    from dynamixer.models import dynamixer as dm
+    from dynamixer.models import fused
     calls = []
-    real = dm.generate_mix_project
-    monkeypatch.setattr(dm, 'generate_mix_project', lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fused.generate_mix_project
+    monkeypatch.setattr(fused, 'generate_mix_project', lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny().train()
     x = torch.randn(2, 3, 32, 32)
     model(x)

@@ -35,8 +35,8 @@ from timm.models._manipulate import checkpoint_seq
 
 from dynamixer.models.state_dict import adapt_state_dict
 from dynamixer.models.fused import (
-    FastPath, autocast_dtype, eager_cpu_inference, generate_mix_project, layer_norm, linear, linear_add,
-    linear_gelu, mix_project, onednn_fp32, onednn_inference, softmax, softmax_mixing)
+    FastPath, autocast_dtype, branch_mixing, eager_cpu_inference, fuse_branches, layer_norm, linear, linear_add,
+    linear_gelu, mix_project, onednn_fp32, onednn_inference, softmax)
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'FastPath', 'GENERATION_STRATEGIES',
            'FUSIONS']
@@ -204,77 +204,16 @@ class DynaMixerTokenMixer(nn.Module):
     def column_op(self) -> DynaMixerOp:
         return self.row_mix if self.col_mix is None else self.col_mix
 
-    def _generator_inputs(self, x: torch.Tensor, branches: Tuple[bool, ...]):
-        """What the generate layers of the given branches (False: rows, True: columns; lines all of one
-        length N) read, on a map of the built size: ``(lines (K, R, in), weight (K, in, out), bias (K, 1, out),
-        (L1, S, N))``. The compress layers run as one matmul on the NHWC map (once when rows and columns
-        share it)."""
-        ops = [self.column_op if columns else self.row_mix for columns in branches]
-        S, d = ops[0].num_segments, ops[0].reduced_dim
-        unique = list({id(op): op for op in ops}.values())
-        if len(unique) == 1:
-            z = linear(x, unique[0].compress.weight, unique[0].compress.bias, self.fast_path)
-        else:
-            weight = torch.cat([op.compress.weight for op in unique])
-            bias = torch.cat([op.compress.bias for op in unique])
-            z = linear(x, weight, bias, self.fast_path)
-        z = z.unflatten(-1, (len(unique), S, d))  # (B, H, W, ops, S, d)
-        lines = [z[..., unique.index(op), :, :] for op in ops]
-        lines = [z_.permute(0, 2, 3, 1, 4) if columns else z_.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
-                 for z_, columns in zip(lines, branches)]
-        lines = torch.stack(lines) if len(lines) > 1 else lines[0].unsqueeze(0)  # (K, B, L1, S, N, d)
-        K, _, L1, _, N, _ = lines.shape
-        if ops[0].generation == 'dynamic':  # flatten each segment's line token-major
-            lines = lines.reshape(K, -1, N * d)
-        else:  # dense: each token's own row
-            lines = lines.reshape(K, -1, d)
-        weight = torch.stack([op.generate.weight for op in ops]).transpose(1, 2)
-        bias = torch.stack([op.generate.bias for op in ops]).unsqueeze(1)
-        return lines, weight, bias, (L1, S, N)
-
-    def _branch_mixing(self, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
-        """Mixing matrices ``(K, B, L1, S, N, N)`` of the given branches on a map of the built size."""
-        ops = [self.column_op if columns else self.row_mix for columns in branches]
-        if ops[0].compress is None:  # static
-            B, H, W, C = x.shape
-            mixes = [softmax(op.logits).expand(B, W if columns else H, -1, -1, -1)
-                     for op, columns in zip(ops, branches)]
-            return torch.stack(mixes) if len(mixes) > 1 else mixes[0].unsqueeze(0)
-        return softmax_mixing(*self._generator_inputs(x, branches))
-
     def mixing_matrices(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Row ``(B, H, S, W, W)`` and column ``(B, W, S, H, H)`` mixing matrices of a map of the built size."""
         if x.shape[1] == x.shape[2]:
-            mix = self._branch_mixing(x, (False, True))
+            mix = branch_mixing(self, x, (False, True))
             return mix[0], mix[1]
-        return self._branch_mixing(x, (False,))[0], self._branch_mixing(x, (True,))[0]
-
-    def _branches(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
-                                                  Optional[torch.Tensor]]:
-        """Row branch ``(B, H, W, C)``, column branch ``(B, W, H, C)`` (both contiguous) and the biases of their
-        projections when these are still to be added (``None`` when already in)."""
-        B, H, W, C = x.shape
-        row, col = self.row_mix, self.column_op
-        if W != row.seq_len or H != col.seq_len:  # windows of the built line length
-            rows = _mix_lines(row, x.reshape(-1, W, C), self.dynamic_size).view(-1, H, W, C)
-            cols = _mix_lines(col, x.transpose(1, 2).reshape(-1, H, C), self.dynamic_size).view(-1, W, H, C)
-            return rows, cols, None, None
-        groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
-        outs = []
-        for branches in groups:
-            ops = [col if columns else row for columns in branches]
-            weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
-            if row.compress is None or not self.fast_path.recompute_mixing:  # static: expanded matrices are free
-                out = mix_project(self._branch_mixing(x, branches), x, weight, None, branches, self.fast_path)
-            else:
-                lines, gen_weight, gen_bias, dims = self._generator_inputs(x, branches)
-                out = generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, self.fast_path)
-            outs.extend(out.unbind(0))
-        return outs[0], outs[1], row.proj.bias, col.proj.bias
+        return branch_mixing(self, x, (False,))[0], branch_mixing(self, x, (True,))[0]
 
     def fusable(self) -> bool:
-        """Whether the fused kernels may serve this mixer: they read the weights of its ops' linears, of the
-        channel branch and of the output projection instead of calling them."""
+        """Whether the fused kernels (``fused.fuse_branches``) may serve this mixer: they read the weights of its
+        ops' linears, of the channel branch and of the output projection instead of calling them."""
         ops = [self.row_mix] if self.col_mix is None else [self.row_mix, self.col_mix]
         linears = [self.channel_mix, self.proj] + [layer for op in ops for layer in (
             op.compress, getattr(op, 'generate', None), op.proj) if layer is not None]
@@ -283,16 +222,22 @@ class DynaMixerTokenMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fusable():
-            return self.proj_drop(linear(self.fuse_branches(x), self.proj.weight, self.proj.bias, self.fast_path))
+            return self.proj_drop(linear(fuse_branches(self, x), self.proj.weight, self.proj.bias, self.fast_path))
         return self.proj_drop(self.proj(self.plain_branches(x)))
+
+    def line_branches(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row and column branches ``(B, H, W, C)``: every line of the map through its op (in windows of the
+        built length when the map is larger or smaller)."""
+        B, H, W, C = x.shape
+        cols = _mix_lines(self.column_op, x.transpose(1, 2).reshape(-1, H, C), self.dynamic_size)
+        rows = _mix_lines(self.row_mix, x.reshape(-1, W, C), self.dynamic_size).view(B, H, W, C)
+        return rows, cols.view(B, W, H, C).transpose(1, 2)
 
     def plain_branches(self, x: torch.Tensor) -> torch.Tensor:
         """The three branches and their fusion, every layer called as a module (hooks, wrappers, quantized
-        stand-ins all apply): what :meth:`fuse_branches` computes faster."""
+        stand-ins all apply): what ``fused.fuse_branches`` computes faster."""
         B, H, W, C = x.shape
-        cols = _mix_lines(self.column_op, x.transpose(1, 2).reshape(-1, H, C), self.dynamic_size)
-        cols = cols.view(B, W, H, C).transpose(1, 2)
-        rows = _mix_lines(self.row_mix, x.reshape(-1, W, C), self.dynamic_size).view(B, H, W, C)
+        rows, cols = self.line_branches(x)
         chans = self.channel_mix(x)
         if self.reweight is None:
             return cols + rows + chans
@@ -300,32 +245,6 @@ class DynaMixerTokenMixer(nn.Module):
         # branch order (column, row, channel) as in the official code
         w_col, w_row, w_chan = (w[:, None, None, :] for w in weights.unbind(-1))
         return cols * w_col + rows * w_row + chans * w_chan
-
-    def fuse_branches(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything but the output projection: the three branches, fused (see :meth:`fusable`)."""
-        C = x.shape[-1]
-        rows, cols, bias_row, bias_col = self._branches(x)
-        cols = cols.transpose(1, 2)  # (B, H, W, C) view
-        if self.reweight is None:
-            bias = None if bias_row is None else bias_row + bias_col
-            x = linear(x, self.channel_mix.weight, bias, self.fast_path).add_(rows).add_(cols)
-        else:
-            chans = linear(x, self.channel_mix.weight, None, self.fast_path)
-            means = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
-            if bias_row is not None:
-                means = means + (bias_row + bias_col)
-            weights = self.reweight(means).view(-1, C, 3).softmax(dim=-1)  # per channel, over 3 branches
-            # in the branches' precision: under autocast the (tiny) fp32 weights would make every pass over the
-            # maps fp32, and the output projection casts the sum back anyway
-            weights = weights.to(rows.dtype)
-            # branch order (column, row, channel) as in the official code
-            w_col, w_row, w_chan = [w[:, None, None, :] for w in weights.unbind(-1)]
-            if bias_row is None:
-                x = rows * w_row
-            else:  # the branch biases, weighted, enter with the first product
-                x = torch.addcmul((w_row * bias_row + w_col * bias_col).to(rows.dtype), rows, w_row)
-            x = x.addcmul_(cols, w_col).addcmul_(chans, w_chan)
-        return x
 
 
 class MixerLayer(nn.Module):
@@ -383,7 +302,7 @@ class MixerLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fusable(x):  # eval: dropout and drop-path are identities
             proj, fc1, fc2 = self.token_mixer.proj, self.mlp.fc1, self.mlp.fc2
-            x = linear_add(self.token_mixer.fuse_branches(self.norm1(x)), proj.weight, proj.bias, x)
+            x = linear_add(fuse_branches(self.token_mixer, self.norm1(x)), proj.weight, proj.bias, x)
             return linear_add(linear_gelu(self.norm2(x), fc1.weight, fc1.bias), fc2.weight, fc2.bias, x)
         x = x + self.drop_path1(self.token_mixer(self._norm(self.norm1, x)))
         x = x + self.drop_path2(self._mlp(self._norm(self.norm2, x)))

@@ -431,3 +431,98 @@ def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims,
                                          fast.triton)
     return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches,
                                 fast.triton)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the token mixer's fast path: rows and columns as batched ops on the NHWC map (DynaMixerTokenMixer.fusable)
+
+
+def generator_inputs(mixer, x: torch.Tensor, branches: Tuple[bool, ...]):
+    """What the generate layers of the given branches (False: rows, True: columns; lines all of one
+    length N) read, on a map of the built size: ``(lines (K, R, in), weight (K, in, out), bias (K, 1, out),
+    (L1, S, N))``. The compress layers run as one matmul on the NHWC map (once when rows and columns
+    share it)."""
+    ops = [mixer.column_op if columns else mixer.row_mix for columns in branches]
+    S, d = ops[0].num_segments, ops[0].reduced_dim
+    unique = list({id(op): op for op in ops}.values())
+    if len(unique) == 1:
+        z = linear(x, unique[0].compress.weight, unique[0].compress.bias, mixer.fast_path)
+    else:
+        weight = torch.cat([op.compress.weight for op in unique])
+        bias = torch.cat([op.compress.bias for op in unique])
+        z = linear(x, weight, bias, mixer.fast_path)
+    z = z.unflatten(-1, (len(unique), S, d))  # (B, H, W, ops, S, d)
+    lines = [z[..., unique.index(op), :, :] for op in ops]
+    lines = [z_.permute(0, 2, 3, 1, 4) if columns else z_.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
+             for z_, columns in zip(lines, branches)]
+    lines = torch.stack(lines) if len(lines) > 1 else lines[0].unsqueeze(0)  # (K, B, L1, S, N, d)
+    K, _, L1, _, N, _ = lines.shape
+    if ops[0].generation == 'dynamic':  # flatten each segment's line token-major
+        lines = lines.reshape(K, -1, N * d)
+    else:  # dense: each token's own row
+        lines = lines.reshape(K, -1, d)
+    weight = torch.stack([op.generate.weight for op in ops]).transpose(1, 2)
+    bias = torch.stack([op.generate.bias for op in ops]).unsqueeze(1)
+    return lines, weight, bias, (L1, S, N)
+
+
+def branch_mixing(mixer, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
+    """Mixing matrices ``(K, B, L1, S, N, N)`` of the given branches on a map of the built size."""
+    ops = [mixer.column_op if columns else mixer.row_mix for columns in branches]
+    if ops[0].compress is None:  # static
+        B, H, W, C = x.shape
+        mixes = [softmax(op.logits).expand(B, W if columns else H, -1, -1, -1)
+                 for op, columns in zip(ops, branches)]
+        return torch.stack(mixes) if len(mixes) > 1 else mixes[0].unsqueeze(0)
+    return softmax_mixing(*generator_inputs(mixer, x, branches))
+
+
+def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                                    Optional[torch.Tensor]]:
+    """Row branch ``(B, H, W, C)``, column branch ``(B, W, H, C)`` (both contiguous) and the biases of their
+    projections when these are still to be added (``None`` when already in)."""
+    B, H, W, C = x.shape
+    row, col = mixer.row_mix, mixer.column_op
+    if W != row.seq_len or H != col.seq_len:  # windows of the built line length: the ops one by one
+        rows, cols = mixer.line_branches(x)
+        return rows, cols.transpose(1, 2), None, None
+    groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
+    outs = []
+    for branches in groups:
+        ops = [col if columns else row for columns in branches]
+        weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
+        if row.compress is None or not mixer.fast_path.recompute_mixing:  # static: expanded matrices are free
+            out = mix_project(branch_mixing(mixer, x, branches), x, weight, None, branches, mixer.fast_path)
+        else:
+            lines, gen_weight, gen_bias, dims = generator_inputs(mixer, x, branches)
+            out = generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, mixer.fast_path)
+        outs.extend(out.unbind(0))
+    return outs[0], outs[1], row.proj.bias, col.proj.bias
+
+
+def fuse_branches(mixer, x: torch.Tensor) -> torch.Tensor:
+    """Everything but the output projection of a token mixer: the three branches, fused (``mixer.fusable()``
+    must hold)."""
+    C = x.shape[-1]
+    rows, cols, bias_row, bias_col = _fused_branches(mixer, x)
+    cols = cols.transpose(1, 2)  # (B, H, W, C) view
+    if mixer.reweight is None:
+        bias = None if bias_row is None else bias_row + bias_col
+        x = linear(x, mixer.channel_mix.weight, bias, mixer.fast_path).add_(rows).add_(cols)
+    else:
+        chans = linear(x, mixer.channel_mix.weight, None, mixer.fast_path)
+        means = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
+        if bias_row is not None:
+            means = means + (bias_row + bias_col)
+        weights = mixer.reweight(means).view(-1, C, 3).softmax(dim=-1)  # per channel, over 3 branches
+        # in the branches' precision: under autocast the (tiny) fp32 weights would make every pass over the
+        # maps fp32, and the output projection casts the sum back anyway
+        weights = weights.to(rows.dtype)
+        # branch order (column, row, channel) as in the official code
+        w_col, w_row, w_chan = [w[:, None, None, :] for w in weights.unbind(-1)]
+        if bias_row is None:
+            x = rows * w_row
+        else:  # the branch biases, weighted, enter with the first product
+            x = torch.addcmul((w_row * bias_row + w_col * bias_col).to(rows.dtype), rows, w_row)
+        x = x.addcmul_(cols, w_col).addcmul_(chans, w_chan)
+    return x
