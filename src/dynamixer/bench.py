@@ -75,9 +75,9 @@ def _autocast(device: torch.device, precision: str):
 def matmul_peak_gflops(device: torch.device, precision: str = 'fp32', size: Optional[int] = None,
                        repeats: int = 3) -> float:
     """Best of a few big square matmuls, in GFLOP/s (2 * n^3 per matmul), in the benchmark's precision and in
-    ``nn.Linear``'s layout (``x @ W^T``): torch's CPU fp16 ``a @ b`` falls back to a kernel 40x slower than the
-    transposed layout on CPUs without fp16 matmul instructions, which made the "peak" 1 GFLOP/s there. On CPU in
-    fp32 the faster of ``F.linear`` (MKL) and oneDNN's linear, which the fast path also uses."""
+    ``nn.Linear``'s layout (``x @ W^T``): on CPUs without fp16 matmul instructions torch's CPU fp16 ``a @ b``
+    falls back to a far slower kernel than that layout (docs/benchmarks.md). On CPU in fp32 the faster of
+    ``F.linear`` (MKL) and oneDNN's linear, which the fast path also uses."""
     from dynamixer.models import fused
     dtype = PRECISIONS[precision] or torch.float32
     n = size or (8192 if device.type == 'cuda' else 2048)
