@@ -15,7 +15,7 @@ import dynamixer  # noqa: F401  registers the variants
 from conftest import TINY_MODEL, make_image_folder
 from dynamixer import cli
 from dynamixer.models.dynamixer import CIFAR10_CLASSES
-from dynamixer.train import plan_epochs, resolve_settings
+from dynamixer.train import plan_epochs, replan_budget, resolve_settings
 
 SHIPPED = 'dynamixer_cifar_xs.cifar10_1h'
 
@@ -36,6 +36,33 @@ def test_plan_epochs_fits_the_budget():
     assert plan_epochs(10, 9, 1., 10, 5, 2, 1000) == 1  # never less than the epoch under way
     more = [plan_epochs(b, 10, 1., 10, 5, 2, 1000) for b in (100, 200, 400)]
     assert more == sorted(more) and more[0] < more[-1]
+
+
+def test_replan_grows_only_in_the_first_half_and_shrinks_any_time(monkeypatch):
+    """A 100 s budget planned at epoch 1 (t = 5 s): the mean whole epoch since then sets the new end."""
+    from types import SimpleNamespace
+    import dynamixer.train as train_module
+    clock = SimpleNamespace(now=0.)
+    monkeypatch.setattr(train_module.time, 'time', lambda: clock.now)
+    cfg = SimpleNamespace(time_budget=100 / 60, resume=False, epochs=10)
+    budget = SimpleNamespace(planned_at=(1, 5.), cap=1000)
+    logged = []
+
+    def after_epoch(epoch: int, now: float) -> int:
+        clock.now = now
+        replan_budget(cfg, SimpleNamespace(epoch=epoch, planned=True), budget, 0., lambda n: setattr(cfg, 'epochs', n),
+                      logged.append)
+        return cfg.epochs
+
+    # epoch 3 of 10 (first half) at 4 s an epoch: the 87 s left fit 21 more
+    assert after_epoch(3, 13.) == 3 + int(0.98 * 87 // 4) == 24
+    # epoch 12 of 24 still in the first half: faster (2.5 s an epoch since epoch 1) grows again
+    assert after_epoch(12, 32.5) == 12 + int(0.98 * 67.5 // 2.5) == 38
+    # epoch 20 of 38, second half: faster still does not grow (the cosine is past its middle) ...
+    assert after_epoch(20, 41.) == 38
+    # ... but slower shrinks, so that the run ends in time
+    assert after_epoch(21, 80.) == 21 + int(0.98 * 20 // (75 / 20)) == 26
+    assert len(logged) == 3 and all('time budget' in line for line in logged)
 
 
 def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsys):

@@ -1,13 +1,77 @@
-"""The registered DynaMixer variants: input size, parameters, GMACs and pretrained tags, one line each.
+"""The registered DynaMixer variants (input size, parameters, GMACs and pretrained tags, one line each), and
+models by name: ours, or any timm model with its entry point's fixed arguments replaceable.
 
 Parameters and GMACs are counted on the model as built (batch 1, at the variant's own input size, 1000
 classes for the ImageNet variants and 10 for the CIFAR ones), so they match the README's table.
 """
 import argparse
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List
+
+if TYPE_CHECKING:
+    import torch
 
 
-def describe(pattern: str = 'dynamixer*', macs: bool = True) -> List[Dict[str, Any]]:
+def create_any_model(name: str, **kwargs) -> 'torch.nn.Module':
+    """A DynaMixer variant (or the ViP baseline) by name, or any other timm model, so that peers train under
+    exactly the same recipe; a one-line error that suggests a name when timm knows neither."""
+    import difflib
+    import timm
+    import dynamixer
+    if name in dynamixer.list_models():
+        return dynamixer.create_model(name, **kwargs)
+    if not timm.is_model(name):
+        known = dynamixer.list_models() + timm.list_models()
+        close = difflib.get_close_matches(name, known, n=1)
+        raise ValueError(f'unknown --model {name!r}: neither a DynaMixer variant nor a timm model; '
+                         + (f'did you mean {close[0]!r}? ' if close else '')
+                         + '`dynamixer list` shows ours, timm.list_models() the others.')
+    return _create_timm_model(name, kwargs)
+
+
+def _create_timm_model(name: str, kwargs: Dict[str, Any]) -> 'torch.nn.Module':
+    """``timm.create_model(name, **kwargs)``, where ``kwargs`` may also replace what the entry point fixes: timm's
+    entry points write their architecture as ``dict(patch_size=16, ..., **kwargs)``, which refuses a second
+    ``patch_size``. Those keys are handed to the builder the entry point calls (its module's
+    ``build_model_with_cfg``) instead, for this call only."""
+    import re
+    import sys
+    import timm
+    from timm.models import model_entrypoint
+    fixed: Dict[str, Any] = {}
+    module = sys.modules[model_entrypoint(name).__module__]
+    builder = getattr(module, 'build_model_with_cfg', None)
+    while True:
+        passed = {k: v for k, v in kwargs.items() if k not in fixed}
+        if fixed and builder is not None:
+            module.build_model_with_cfg = lambda cls, variant, pretrained, **kw: builder(
+                cls, variant, pretrained, **{**kw, **fixed})
+        try:
+            return timm.create_model(name, **passed)
+        except TypeError as e:
+            clash = re.search(r"got multiple values for keyword argument '(\w+)'", str(e))
+            if builder is None or clash is None or clash.group(1) in fixed:
+                raise
+            fixed[clash.group(1)] = kwargs[clash.group(1)]
+        finally:
+            if builder is not None:
+                module.build_model_with_cfg = builder
+
+
+def load_timm_folder(folder: Path) -> 'torch.nn.Module':
+    """A model folder of another timm architecture written by ``dynamixer train``: built from its config's
+    ``architecture`` and ``model_args`` (which may replace what the entry point fixes), weights loaded, its
+    pretrained config (preprocessing, label names) restored."""
+    import json
+    from dynamixer.convert import load_checkpoint
+    config = json.loads((folder / 'config.json').read_text())
+    model = _create_timm_model(config['architecture'], dict(config.get('model_args') or {}))
+    load_checkpoint(model, folder / 'model.safetensors')
+    model.pretrained_cfg = dict(config.get('pretrained_cfg') or {}, architecture=config['architecture'])
+    return model
+
+
+def describe(pattern: str = '*', macs: bool = True) -> List[Dict[str, Any]]:
     """One row per registered variant that matches ``pattern``."""
     import timm
     import torch

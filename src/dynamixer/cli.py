@@ -208,7 +208,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _catalog_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('pattern', nargs='?', default='dynamixer*',
+    parser.add_argument('pattern', nargs='?', default='*',
                         help="timm name pattern, e.g. 'dynamixer_cifar*'")
     parser.add_argument('--no-macs', action='store_true', help='skip counting GMACs (faster: no forward pass)')
 

@@ -21,10 +21,14 @@ def load_model_dir(path: str, device: str = 'cpu') -> nn.Module:
     weights ship with the package (``dynamixer_cifar_xs.cifar10_1h``).
     """
     import timm
-    import dynamixer  # noqa: F401  registers the architectures with timm
+    import dynamixer  # registers the architectures with timm
     folder = model_folder(path)
     if folder is None:  # weights shipped with the package
         return timm.create_model(path, pretrained=True).to(device).eval()
+    architecture = json.loads((folder / 'config.json').read_text()).get('architecture')
+    if architecture and architecture not in dynamixer.list_models() and (folder / 'model.safetensors').is_file():
+        from dynamixer.catalog import load_timm_folder  # a peer from timm, trained by dynamixer train
+        return load_timm_folder(folder).to(device).eval()
     model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True)
     return model.to(device).eval()
 

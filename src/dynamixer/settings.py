@@ -39,8 +39,8 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
     # budget from a measured step time; bf16 autocast where the CPU has bf16 instructions, compiled.
     'cifar': lambda model: dict(
         model='dynamixer_cifar_xs', time_budget=60., epochs=1000, batch_size=128, opt='adamw', lr=2e-3,
-        weight_decay=0.05, sched='cosine', warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.,
-        crop='pad', hflip=0.5, smoothing=0.1, amp='auto', compile=True, data_path='tensor', threads=None,
+        weight_decay=0.05, sched='cosine', warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.05,
+        crop='pad', hflip=0.5, cutout=8, smoothing=0.1, amp='auto', compile=True, data_path='tensor', threads=None,
         save_model='last'),
 }
 
@@ -118,8 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         'digits, else min(4, CPUs))')
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='dynamixer_cifar_t',
-                   help='DynaMixer variant: dynamixer_s/m/l (ImageNet, 224), dynamixer_cifar_xs/t/s (32 x 32); '
-                        'dynamixer list shows their sizes')
+                   help='DynaMixer variant: dynamixer_s/m/l (ImageNet, 224), dynamixer_cifar_xs/t/s (32 x 32), '
+                        'the ViP baseline vip_cifar_xs (dynamixer list shows their sizes); or any timm model, e.g. '
+                        'mixer_s16_224 with --model-kwargs img_size=32 patch_size=4, for a peer under the same '
+                        'recipe')
     g.add_argument('--model-kwargs', nargs='*', default=None, action=_tracked(ParseKwargs),
                    help='constructor overrides as key=value, e.g. depths="(1,1,1,1)" embed_dims="(32,32,64,64)" '
                         '(default for digits: ' + ' '.join(f'{k}={str(v).replace(" ", "")}'

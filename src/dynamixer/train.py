@@ -24,7 +24,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -142,8 +142,20 @@ class EpochSampler(DistributedSampler):
         return self.stop - self.start
 
 
+def model_img_size(model: nn.Module) -> Tuple[int, int]:
+    """The (H, W) input the model is built for: a DynaMixer's ``img_size``, a timm model's patch embedding's,
+    else its pretrained config's."""
+    from timm.layers import to_2tuple
+    for holder in (model, getattr(model, 'patch_embed', None), getattr(model, 'stem', None)):
+        size = getattr(holder, 'img_size', None)
+        if size is not None:
+            return tuple(to_2tuple(size))
+    return tuple(model.pretrained_cfg['input_size'][-2:])
+
+
 def build_model(cfg: argparse.Namespace, num_classes: int, in_chans: int, img_size: Optional[int]) -> nn.Module:
     import dynamixer
+    from dynamixer.catalog import create_any_model
     kwargs = {}
     init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else None
     if init is not None and init.is_dir() and (init / 'config.json').is_file():
@@ -160,8 +172,10 @@ def build_model(cfg: argparse.Namespace, num_classes: int, in_chans: int, img_si
     if img_size:
         kwargs['img_size'] = img_size
     try:
-        model = dynamixer.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans,
-                                       drop_path_rate=cfg.drop_path, drop_rate=cfg.drop, **kwargs)
+        model = create_any_model(cfg.model, num_classes=num_classes, in_chans=in_chans,
+                                 drop_path_rate=cfg.drop_path, drop_rate=cfg.drop, **kwargs)
+        if cfg.model not in dynamixer.list_models():  # timm may not record them all (e.g. patch_size)
+            model.build_args = dict(kwargs, num_classes=num_classes, in_chans=in_chans)
     except TypeError as e:
         raise ValueError(f'bad --model-kwargs for {cfg.model}: {e}.') from None
     if init is not None:
@@ -181,7 +195,7 @@ def set_data_cfg(model: nn.Module, classes: List[str], in_chans: int, small: boo
     """Record preprocessing and labels in the model's pretrained_cfg, so the saved model folder carries them."""
     from timm.data import resolve_data_config
     cfg = dict(model.pretrained_cfg)
-    h, w = model.img_size
+    h, w = model_img_size(model)
     cfg.update(input_size=(in_chans, h, w), num_classes=len(classes), label_names=list(classes))
     if in_chans == 1 and len(cfg.get('mean', ())) != 1:
         cfg.update(mean=(0.5,), std=(0.5,))
@@ -199,7 +213,7 @@ def save_model_dir(model: nn.Module, folder: Path, classes: List[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), folder / 'model.safetensors')
     atomic_write(folder / 'config.json', lambda tmp: save_config_for_hf(
-        model, tmp, model_config=dict(label_names=list(classes))))
+        model, tmp, model_config=dict(label_names=list(classes)), model_args=getattr(model, 'build_args', None)))
 
 
 def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
@@ -261,7 +275,7 @@ def tensor_loaders(cfg, splits, model: nn.Module, data_config: Dict[str, Any], c
     tensors = []
     for name, dataset in (('train', splits.train), ('val', splits.val)):
         t0 = time.time()
-        split, path, built = cache_tensors(dataset, tuple(model.img_size), cache_dir,
+        split, path, built = cache_tensors(dataset, model_img_size(model), cache_dir,
                                            progress=cfg.progress and rank == 0)
         if path is not None:
             log(f'{name} images: {len(split)} decoded into {path} in {time.time() - t0:.1f}s' if built else
@@ -270,7 +284,7 @@ def tensor_loaders(cfg, splits, model: nn.Module, data_config: Dict[str, Any], c
             print(f'warning: skipped unreadable image {u.path} ({u.reason})', file=sys.stderr)
         tensors.append(split)
     mean, std = data_config['mean'], data_config['std']
-    size = min(model.img_size)
+    size = min(model_img_size(model))
     train = TensorLoader(tensors[0], micro_batch, mean, std, train=True, seed=cfg.seed,
                          padding=max(1, size // 8) if crop == 'pad' else 0, hflip=hflip, cutout=cfg.cutout,
                          rank=rank, world=world)
@@ -337,7 +351,7 @@ def prepare_data(cfg, device: torch.device, rank: int, world: int, log: Callable
                          cfg.limit_val)
     img_size = cfg.img_size or (splits.native_size if cfg.data == 'digits' else None)
     model = build_model(cfg, len(splits.classes), splits.in_chans, img_size)
-    small = min(model.img_size) <= 64
+    small = min(model_img_size(model)) <= 64
     data_config = set_data_cfg(model, splits.classes, splits.in_chans, small)
     crop = cfg.crop if cfg.crop != 'auto' else ('none' if cfg.data == 'digits' else 'pad' if small else 'rrc')
     hflip = cfg.hflip if cfg.hflip is not None else (0. if cfg.data == 'digits' else 0.5)
@@ -672,9 +686,10 @@ def plan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, calibratio
 
 def replan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, t_start: float, set_epochs: Callable,
                   log: Callable) -> None:
-    """After each whole epoch of a --time-budget run: re-plan from whole epochs (validation included), after
-    the first one either way, while the cosine is still near its peak; later only shorter (a busy machine), so
-    that the run still ends in time."""
+    """After each whole epoch of a --time-budget run: re-plan from the mean whole epoch (validation included)
+    since the first plan. Longer or shorter while the schedule is in its first half (the learning rate near its
+    peak, where one more epoch barely moves it), so that a slow spell early does not cost epochs for good; in the
+    second half only shorter (a busy machine), so that the run still ends in time."""
     if budget.planned_at is None and state.planned:
         budget.planned_at = (state.epoch, time.time())  # epochs after this one show the steady speed
         return
@@ -682,7 +697,8 @@ def replan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, t_start:
         return
     epoch_s = (time.time() - budget.planned_at[1]) / (state.epoch - budget.planned_at[0])
     fits = min(budget.cap, state.epoch + int(0.98 * (cfg.time_budget * 60 - (time.time() - t_start)) // epoch_s))
-    if fits < cfg.epochs or (fits > cfg.epochs and state.epoch == budget.planned_at[0] + 1):
+    may_grow = state.epoch == budget.planned_at[0] + 1 or 2 * state.epoch <= cfg.epochs
+    if fits < cfg.epochs or (fits > cfg.epochs and may_grow):
         log(f'time budget: a whole epoch takes {epoch_s:.0f}s, so the schedule now ends after epoch '
             f'{max(fits, state.epoch)} (was {cfg.epochs})')
         set_epochs(max(fits, state.epoch))

@@ -34,15 +34,17 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from dynamixer.models.state_dict import adapt_state_dict
+from dynamixer.models.vip import PermuteMixer, reweight_branches
 from dynamixer.models.fused import (
     FastPath, autocast_dtype, branch_mixing, eager_cpu_inference, fuse_branches, layer_norm, linear, linear_add,
     linear_gelu, mix_project, onednn_fp32, onednn_inference, softmax)
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'FastPath', 'GENERATION_STRATEGIES',
-           'FUSIONS']
+           'FUSIONS', 'TOKEN_MIXERS']
 
 GENERATION_STRATEGIES = ('dynamic', 'static', 'dense')
 FUSIONS = ('reweight', 'sum')
+TOKEN_MIXERS = ('dynamixer', 'permute')  # 'permute': ViP's Permute-MLP (models/vip.py), the paper's baseline
 
 
 def _hooked(modules) -> bool:
@@ -236,19 +238,12 @@ class DynaMixerTokenMixer(nn.Module):
     def plain_branches(self, x: torch.Tensor) -> torch.Tensor:
         """The three branches and their fusion, every layer called as a module (hooks, wrappers, quantized
         stand-ins all apply): what ``fused.fuse_branches`` computes faster."""
-        B, H, W, C = x.shape
         rows, cols = self.line_branches(x)
-        chans = self.channel_mix(x)
-        if self.reweight is None:
-            return cols + rows + chans
-        weights = self.reweight((cols + rows + chans).mean(dim=(1, 2))).view(B, C, 3).softmax(dim=-1)
-        # branch order (column, row, channel) as in the official code
-        w_col, w_row, w_chan = (w[:, None, None, :] for w in weights.unbind(-1))
-        return cols * w_col + rows * w_row + chans * w_chan
+        return reweight_branches(self.reweight, cols, rows, self.channel_mix(x))
 
 
 class MixerLayer(nn.Module):
-    """Pre-norm residual layer: token mixing, then channel MLP."""
+    """Pre-norm residual layer: token mixing (DynaMixer's, or ``mixer_layer``), then channel MLP."""
 
     def __init__(
             self,
@@ -259,12 +254,12 @@ class MixerLayer(nn.Module):
             proj_drop: float = 0.,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
+            mixer_layer: Type[nn.Module] = DynaMixerTokenMixer,
             **mixer_kwargs,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.token_mixer = DynaMixerTokenMixer(
-            dim, line_lengths, proj_drop=proj_drop, act_layer=act_layer, **mixer_kwargs)
+        self.token_mixer = mixer_layer(dim, line_lengths, proj_drop=proj_drop, act_layer=act_layer, **mixer_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
@@ -403,6 +398,9 @@ class DynaMixer(nn.Module):
         generation: 'dynamic' (paper), 'static' (learned fixed matrices) or 'dense' (per-token rows).
         share_row_col: one mixing op for rows and columns.
         fusion: 'reweight' (official, per-channel softmax over branches) or 'sum' (paper's pseudo-code).
+        token_mixer: 'dynamixer' (the paper), or 'permute': ViP's Permute-MLP (``models/vip.py``) in the same
+            network, the paper's baseline (fixed learned mixing over each line; ``num_segments`` and ``fusion``
+            apply, the generation options do not).
         dynamic_img_size: accept any input size, mixing in windows of the built line length.
         stem: 'patch' (the paper: one non-overlapping conv) or 'conv' (overlapping 3 x 3 convs with BatchNorm
             down to the same grid; used by dynamixer_cifar_xs, not yet A/B-tested against 'patch': docs/cifar10.md).
@@ -430,6 +428,7 @@ class DynaMixer(nn.Module):
             generation: str = 'dynamic',
             share_row_col: bool = False,
             fusion: str = 'reweight',
+            token_mixer: str = 'dynamixer',
             dynamic_img_size: bool = False,
             weight_init: str = 'trunc_normal',
             stem: str = 'patch',
@@ -460,6 +459,11 @@ class DynaMixer(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
 
+        if token_mixer not in TOKEN_MIXERS:
+            raise ValueError(f'token_mixer must be one of {TOKEN_MIXERS}, got {token_mixer!r}.')
+        if token_mixer == 'permute' and (dynamic_img_size or share_row_col or generation != 'dynamic'):
+            raise ValueError("token_mixer='permute' (ViP) mixes with fixed layers tied to the built size: it takes "
+                             "no dynamic_img_size, share_row_col or generation; drop those options.")
         if stem not in ('patch', 'conv'):
             raise ValueError(f"stem must be 'patch' (the paper) or 'conv' (overlapping 3x3 convs), got {stem!r}.")
         self.stem = Stem(in_chans, embed_dims[0], patch_size) if stem == 'patch' else \
@@ -482,12 +486,14 @@ class DynaMixer(nn.Module):
                 if min(grid) < 1:
                     raise ValueError(f'img_size {self.img_size} leaves no tokens in stage {i}; use a larger img_size '
                                      f'or fewer downsampling stages.')
+            if token_mixer == 'permute':
+                mixer = dict(mixer_layer=PermuteMixer, num_segments=num_segments[i], fusion=fusion)
+            else:
+                mixer = dict(num_segments=num_segments[i], reduced_dim=reduced_dims[i], generation=generation,
+                             share_row_col=share_row_col, fusion=fusion, dynamic_size=dynamic_img_size)
             stages.append(DynaMixerStage(
-                in_dim, embed_dims[i], stage_strides[i], depths[i], grid, dpr[i],
-                mlp_ratio=mlp_ratios[i], num_segments=num_segments[i], reduced_dim=reduced_dims[i],
-                generation=generation, share_row_col=share_row_col, fusion=fusion,
-                dynamic_size=dynamic_img_size, proj_drop=proj_drop_rate, norm_layer=norm_layer,
-                act_layer=act_layer))
+                in_dim, embed_dims[i], stage_strides[i], depths[i], grid, dpr[i], mlp_ratio=mlp_ratios[i],
+                proj_drop=proj_drop_rate, norm_layer=norm_layer, act_layer=act_layer, **mixer))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
             tokens = grid[0] * grid[1]
             self._elems_per_image = max(self._elems_per_image, int(tokens * embed_dims[i] * mlp_ratios[i]),
@@ -714,6 +720,11 @@ MODEL_ARGS: Dict[str, Dict[str, Any]] = {
     'dynamixer_cifar_xs': dict(
         img_size=32, patch_size=4, depths=(2, 4), embed_dims=(96, 192), stage_strides=(1, 2),
         num_segments=(4, 8), reduced_dims=2, stem='conv', weight_init='fan_in'),
+    # The paper's baseline for the comparisons of docs/ablations.md: dynamixer_cifar_xs with ViP's Permute-MLP
+    # as token mixer (same stem, stages, MLPs and fusion; 7% fewer parameters).
+    'vip_cifar_xs': dict(
+        img_size=32, patch_size=4, depths=(2, 4), embed_dims=(96, 192), stage_strides=(1, 2),
+        num_segments=(4, 8), stem='conv', weight_init='fan_in', token_mixer='permute'),
 }
 
 _CIFAR_CFG = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD)
@@ -731,6 +742,9 @@ default_cfgs = generate_default_cfgs({
     'dynamixer_cifar_t.untrained': _cfg(**_CIFAR_CFG),
     'dynamixer_cifar_s.untrained': _cfg(**_CIFAR_CFG),
     'dynamixer_cifar_xs.untrained': _cfg(**_CIFAR_CFG, first_conv='stem.convs.0'),
+    'vip_cifar_xs.untrained': _cfg(
+        **_CIFAR_CFG, first_conv='stem.convs.0', paper_ids='arXiv:2106.12368',
+        paper_name='Vision Permutator: A Permutable MLP-Like Architecture for Visual Recognition'),
     # `dynamixer train --recipe cifar --data PATH/cifar10 --val-split 0.1` (45,000 of CIFAR-10's training
     # images, the held-out 5,000 never seen): docs/cifar10.md
     'dynamixer_cifar_xs.cifar10_1h': _cfg(
@@ -777,3 +791,9 @@ def dynamixer_cifar_s(pretrained: bool = False, **kwargs) -> DynaMixer:
 def dynamixer_cifar_xs(pretrained: bool = False, **kwargs) -> DynaMixer:
     """DynaMixer for 32 x 32 images sized for one CPU hour: conv stem to 8 x 8 tokens, two stages (96, 192)."""
     return _build('dynamixer_cifar_xs', pretrained, kwargs)
+
+
+@register_model
+def vip_cifar_xs(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """ViP (Vision Permutator) baseline for 32 x 32 images: ``dynamixer_cifar_xs`` with the Permute-MLP mixer."""
+    return _build('vip_cifar_xs', pretrained, kwargs)
