@@ -118,6 +118,7 @@ def test_digits_run_writes_everything(tmp_path, capsys):
     assert tuple(model.pretrained_cfg['input_size']) == (1, 8, 8)
     ckpt = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 2 and ckpt['ema'] is not None and ckpt['optimizer']['state']
+    assert all(group['fused'] for group in ckpt['optimizer']['param_groups'])  # AdamW in one kernel
     best = max(records, key=lambda r: r['val_top1'])
     if best['epoch'] == 2:  # the saved model is the validated one: the EMA
         for k, v in model.state_dict().items():

@@ -410,8 +410,11 @@ def prepare_optimisation(cfg, model: nn.Module, data: SimpleNamespace, device: t
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
+    # torch's fused Adam(W) updates all parameters in one kernel (CPU and CUDA) instead of a few per parameter
+    # group: on small models the optimiser step is a visible part of a training step (docs/cifar10.md)
+    fused = dict(fused=True) if cfg.opt.lower() in ('adam', 'adamw') else {}
     optimizer = create_optimizer_v2(param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale), opt=cfg.opt,
-                                    lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+                                    lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **fused)
 
     def make_scheduler(epochs: int):  # the warm-up does not depend on epochs, so a budget can set them later
         return create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=epochs, min_lr=cfg.min_lr,
