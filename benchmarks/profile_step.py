@@ -3,16 +3,19 @@
     python benchmarks/profile_step.py --device cuda --precision bf16 --mode train --batch-size 64
 """
 import argparse
+import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dynamixer.bench import _Runner, build_models
+from dynamixer.bench import StepRunner, build_models
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='dynamixer_s', help='variant name')
+    parser.add_argument('--model-args', default='{}', help='JSON constructor overrides')
+    parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch\'s choice)')
     parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
     parser.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
                         help='fp32, or bf16 / fp16 autocast')
@@ -24,12 +27,14 @@ def main() -> None:
     parser.add_argument('--top', type=int, default=25, help='operators listed per implementation')
     args = parser.parse_args()
     device = torch.device(args.device)
-    models = build_models(args.model, args.img_size, {}, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = build_models(args.model, args.img_size, json.loads(args.model_args), device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     for impl, model in models.items():
-        runner = _Runner(model, args.mode, x, args.precision, compile=False)
+        runner = StepRunner(model, args.mode, x, args.precision, compile=False)
         for _ in range(3):
             runner.step()
         with profile(activities=activities) as prof:

@@ -30,9 +30,9 @@ def folder(tmp_path_factory):
 
 
 def grid(folder, **extra):
-    return dict(model='dynamixer_cifar_t', base=dict(BASE), seeds=[0],
-                train=dict(data=str(folder), epochs=1, batch_size=4, workers=0),
-                variants={'static': {'generation': 'static'}}, **extra)
+    return dict(dict(model='dynamixer_cifar_t', base=dict(BASE), seeds=[0],
+                     train=dict(data=str(folder), epochs=1, batch_size=4, workers=0),
+                     variants={'static': {'generation': 'static'}}), **extra)
 
 
 def test_grid_runs_tabulates_and_reuses(folder, tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_grid_runs_tabulates_and_reuses(folder, tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(out / 'results.csv')))
     assert [r['variant'] for r in rows] == ['base', 'static']
     for row, kwargs in zip(rows, (BASE, dict(BASE, generation='static'))):
-        model = timm.create_model('dynamixer_cifar_t', **kwargs)
+        model = timm.create_model('dynamixer_cifar_t', **kwargs, num_classes=2)  # counted as trained: 2 classes
         assert int(row['params']) == sum(p.numel() for p in model.parameters())
         assert 0 <= float(row['best_top1_mean']) <= 100 and int(row['runs']) == 1
     assert int(rows[0]['params']) != int(rows[1]['params'])
@@ -137,3 +137,75 @@ def test_flags_make_a_grid(folder, tmp_path, capsys):
     assert '3 variants, 6 runs of 1 epochs' in out
     assert out.count('dynamixer.cli train') == 6 and 'runs/d=1/seed1' in out and 'runs/sum/seed0' in out
     assert not (tmp_path / 'out').exists()
+
+
+PEER = dict(model='mixer_s16_224', img_size=32, patch_size=8, embed_dim=16, num_blocks=1)
+
+
+def test_time_budget_runs_and_a_timm_peer(folder, tmp_path, monkeypatch):
+    """Every run gets the same minutes and plans its own epochs; a peer is any timm model from its own arguments;
+    the finished runs are known by the epochs they planned, and reused."""
+    out = tmp_path / 'abl'
+    spec = dict(model='dynamixer_cifar_t', base=dict(BASE), seeds=[0],
+                train=dict(data=str(folder), time_budget=0.1, epochs=1000, batch_size=4, workers=0),
+                variants={'mixer': dict(PEER)})
+    lines = []
+    result = ablate.run_grid(spec, str(out), log=lines.append)
+    assert result['failed'] == 0, (out / 'runs' / 'mixer' / 'seed0' / 'train.log').read_text()[-2000:]
+    assert 'runs of 6 minutes' not in lines[0] and 'runs of 0.1 minutes' in lines[0]
+    for name in ('base', 'mixer'):
+        run_dir = out / 'runs' / name / 'seed0'
+        planned = ablate.planned_epochs(run_dir)
+        rows = ablate.read_metrics(run_dir)
+        assert 1 <= planned < 1000 and len(rows) == planned  # the plan, carried out
+        assert rows[-1]['wall_min'] <= 0.1 * 1.5
+        assert ablate.is_finished(run_dir) and not ablate.is_finished(run_dir, planned + 1)
+    config = json.loads((out / 'runs' / 'mixer' / 'seed0' / 'model' / 'config.json').read_text())
+    assert config['architecture'] == 'mixer_s16_224'
+    rows = {r['variant']: r for r in csv.DictReader(open(out / 'results.csv'))}
+    from dynamixer.catalog import create_any_model
+    peer = create_any_model('mixer_s16_224', **{k: v for k, v in PEER.items() if k != 'model'}, num_classes=2)
+    assert int(rows['mixer']['params']) == sum(p.numel() for p in peer.parameters())  # as trained: 2 classes
+    base = timm.create_model('dynamixer_cifar_t', **BASE, num_classes=2)
+    assert int(rows['base']['params']) == sum(p.numel() for p in base.parameters())
+    mixer_line = next(line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| mixer |'))
+    assert 'model=mixer_s16_224' in mixer_line and 'num_blocks=1' in mixer_line
+
+    monkeypatch.setattr(ablate, '_train', lambda *a, **k: pytest.fail('a finished run was trained again'))
+    again = ablate.run_grid(spec, str(out), log=lines.append)
+    assert [r['status'] for r in again['runs']] == ['reused', 'reused']
+
+
+def test_no_train_tabulates_what_is_finished_and_throughput_is_side_by_side(folder, tmp_path, monkeypatch):
+    out = tmp_path / 'abl'
+    assert ablate.run_grid(grid(folder, variants={}), str(out), log=lambda *_: None)['failed'] == 0
+    monkeypatch.setattr(ablate, '_train', lambda *a, **k: pytest.fail('--no-train trained'))
+    lines = []
+    result = ablate.run_grid(grid(folder, variants={'sum': {'fusion': 'sum'}, 'mixer': dict(PEER)}), str(out),
+                             train_missing=False, throughput=dict(batch_size=4, warmup=1, iters=2),
+                             log=lines.append)
+    assert [r['status'] for r in result['runs']] == ['reused', 'missing', 'missing']
+    assert not (out / 'runs' / 'sum' / 'seed0' / 'metrics.jsonl').exists()
+    table = {row['variant']: row for row in result['table']}
+    assert table['base']['runs'] == 1 and table['sum']['runs'] == 0
+    for row in table.values():  # measured for every variant, trained or not
+        assert row['train_img_per_sec_controlled'] > 0 and row['inference_img_per_sec_controlled'] > 0
+    text = (out / 'results.md').read_text()
+    assert 'controlled train img/s' in text and '| 1.00x |' in text
+    assert '| sum | fusion=sum | — |' in text and 'n/a' in text
+    assert [r['variant'] for r in csv.DictReader(open(out / 'runs.csv'))] == ['base']
+
+
+def test_every_run_needs_the_same_budget(folder, tmp_path):
+    no_budget = grid(folder)
+    del no_budget['train']['epochs']
+    with pytest.raises(ValueError, match='epochs .* or time_budget'):
+        ablate.run_grid(no_budget, str(tmp_path / 'a'), log=lambda *_: None)
+    assert ablate.run_budget(dict(recipe='cifar')) == (None, 60.)  # the recipe's own hour
+    assert ablate.run_budget(dict(recipe='cifar', time_budget=15)) == (None, 15.)
+    assert ablate.run_budget(dict(epochs=3)) == (3, None)
+    with pytest.raises(ValueError, match="recipe 'cifr'"):
+        ablate.run_budget(dict(recipe='cifr'))
+    bad_peer = grid(folder, variants={'mixer': dict(PEER, embed_dimz=3)})
+    with pytest.raises(ValueError, match="variant 'mixer' does not build"):
+        ablate.expand_grid(bad_peer)

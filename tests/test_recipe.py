@@ -72,7 +72,7 @@ def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsy
     t0 = time.time()
     code = cli.main(['train', '--data', str(data.parent), '--val-split', '0.25', '--output', str(out),
                      '--no-progress', *TINY_MODEL, '--img-size', '8', '--batch-size', '4', '--time-budget', str(budget_min),
-                     '--epochs', '1000', '--warmup-epochs', '1', '--lr', '2e-3', '--min-lr', '1e-5'])
+                     '--epochs', '1000', '--warmup-epochs', '1', '--lr', '2e-3', '--min-lr', '1e-5', '--tta-flip'])
     elapsed = time.time() - t0
     err = capsys.readouterr()
     assert code == 0, err.err
@@ -87,6 +87,9 @@ def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsy
     assert elapsed <= budget_min * 60 * 1.2 + 5, elapsed  # and by the caller's clock
     assert elapsed >= budget_min * 60 * 0.25, elapsed  # and the budget was used, not wasted
     assert history[-1]['lr'] < 0.05 * 2e-3  # the cosine ran to its end
+    # the flip TTA measurement comes after the last epoch only, inside the budget (wall_min above includes it)
+    assert 'val_top1_tta' in history[-1] and not any('val_top1_tta' in h for h in history[:-1])
+    assert 0 <= history[-1]['val_top1_tta'] <= 100 and 'with flip TTA' in err.out
 
 
 def test_shipped_weights_load_offline_and_predict(tmp_path, monkeypatch, capsys):

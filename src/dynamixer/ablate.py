@@ -5,7 +5,12 @@ settings every run shares, the seeds, and the variants: named overrides of the b
 (``variants: {static: {generation: static}}``) and/or axes varied one at a time from the base
 (``axes: {num_segments: [1, 2, 4, 8]}`` gives the variants ``S=1``, ``S=2``, ...; the base's own value is the
 base run). Knobs are the model's constructor arguments (``S`` and ``d`` are short for ``num_segments`` and
-``reduced_dims``). A variant may list its own ``seeds``, e.g. more seeds for the closest competitors.
+``reduced_dims``). A variant may list its own ``seeds``, e.g. more seeds for the closest competitors. A variant
+that names its own ``model`` is a peer: any timm model (``mixer_s16_224``, ``resmlp_12_224``, ...) built from
+the variant's own arguments only (``img_size``, ``patch_size``, widths), trained under the same settings.
+
+Every run gets the same budget: ``epochs``, or a wall-clock ``time_budget`` in minutes (``recipe: cifar`` sets
+60; a run then plans its own epochs and is finished when it has run the epochs it planned).
 
 Every (variant, seed) is an ordinary ``dynamixer train`` run in ``OUTPUT/runs/<variant>/seed<k>`` (its own
 metrics.jsonl and model/, so it can be inspected, visualised or resumed). Finished runs are reused, unfinished
@@ -21,6 +26,16 @@ Example grid::
     seeds: [0]
     axes: {generation: [dynamic, static, dense], S: [1, 2, 4, 8]}
     variants: {shared: {share_row_col: true, seeds: [0, 1]}}
+
+A real-budget grid with peers (docs/ablations.md)::
+
+    model: dynamixer_cifar_xs
+    train: {recipe: cifar, time_budget: 15, data: ../shared/data/cifar10, val_split: 0.1}
+    seeds: [0, 1]
+    axes: {generation: [static, dense]}
+    variants:
+      vip: {token_mixer: permute}
+      mixer: {model: mixer_s16_224, img_size: 32, patch_size: 4, embed_dim: 160, num_blocks: 8}
 """
 import argparse
 import csv
@@ -136,7 +151,8 @@ def expand_grid(grid: Dict[str, Any]) -> Tuple[str, Dict[str, Any], List[Dict[st
         raise ValueError(f'seeds must be a list of integers, got {grid.get("seeds")!r}.')
     base_name = grid.get('base_name', 'base')
     resolved_base = {k: _jsonable(v) for k, v in {**_model_defaults(), **MODEL_ARGS[model], **base}.items()}
-    variants: List[Dict[str, Any]] = [dict(name=base_name, overrides={}, kwargs=dict(base), seeds=list(seeds))]
+    variants: List[Dict[str, Any]] = [dict(name=base_name, overrides={}, kwargs=dict(base), seeds=list(seeds),
+                                           model=model)]
 
     def add(name: str, overrides: Dict[str, Any], own_seeds: Optional[List[int]]) -> None:
         kwargs = dict(base, **overrides)
@@ -148,7 +164,8 @@ def expand_grid(grid: Dict[str, Any]) -> Tuple[str, Dict[str, Any], List[Dict[st
             target = next((v for v in variants if dict(resolved_base, **v['overrides']) ==
                            dict(resolved_base, **effective)), None)
         if target is None:
-            variants.append(dict(name=name, overrides=effective, kwargs=kwargs, seeds=list(own_seeds or seeds)))
+            variants.append(dict(name=name, overrides=effective, kwargs=kwargs, seeds=list(own_seeds or seeds),
+                                 model=model))
         elif own_seeds:
             target['seeds'] = sorted(set(target['seeds']) | set(own_seeds))
 
@@ -163,30 +180,46 @@ def expand_grid(grid: Dict[str, Any]) -> Tuple[str, Dict[str, Any], List[Dict[st
         own = spec.pop('seeds', None)
         if own is not None:
             own = [own] if isinstance(own, int) else list(own)
+        if 'model' in spec:  # a peer: another model, from its own arguments only
+            kwargs = {k: _jsonable(v) for k, v in spec.items() if k != 'model'}
+            variants.append(dict(name=str(name), overrides={'model': spec['model'], **kwargs}, kwargs=kwargs,
+                                 seeds=list(own or seeds), model=spec['model']))
+            continue
         add(str(name), {_knob(k, f'variant {name!r}'): _jsonable(v) for k, v in spec.items()}, own)
     for v in variants:  # build each once on the meta device: bad values fail here, not after an hour
-        _check_builds(model, v)
+        _check_builds(v)
     return model, base, variants
 
 
-def _check_builds(model: str, variant: Dict[str, Any]) -> None:
-    import timm
+def _check_builds(variant: Dict[str, Any]) -> None:
     import torch
-    import dynamixer  # noqa: F401
+    from dynamixer.catalog import create_any_model
     try:
         with torch.device('meta'):
-            timm.create_model(model, **variant['kwargs'])
-    except (ValueError, TypeError) as e:
+            create_any_model(variant['model'], **variant['kwargs'])
+    except (ValueError, TypeError, KeyError, AssertionError) as e:
         raise ValueError(f'variant {variant["name"]!r} does not build: {e}') from None
 
 
-def count_params_macs(model: str, kwargs: Dict[str, Any]) -> Tuple[int, float]:
+def build_variant(variant: Dict[str, Any], num_classes: Optional[int] = None) -> 'torch.nn.Module':
+    """The variant's model as its runs train it (``num_classes`` of their data, where known)."""
+    from dynamixer.catalog import create_any_model
+    kwargs = dict(variant['kwargs'])
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    return create_any_model(variant['model'], **kwargs)
+
+
+def input_size(net: 'torch.nn.Module') -> Tuple[int, int, int]:
+    from dynamixer.train import model_img_size
+    return (net.pretrained_cfg.get('input_size', (3,))[0], *model_img_size(net))
+
+
+def count_params_macs(variant: Dict[str, Any], num_classes: Optional[int] = None) -> Tuple[int, float]:
     """Parameters and GMACs (batch 1, at the model's input size)."""
-    import timm
-    import dynamixer  # noqa: F401
     from dynamixer.bench import count_macs
-    net = timm.create_model(model, **kwargs)
-    return sum(p.numel() for p in net.parameters()), count_macs(net, net.pretrained_cfg['input_size']) / 1e9
+    net = build_variant(variant, num_classes)
+    return sum(p.numel() for p in net.parameters()), count_macs(net, input_size(net)) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------- the runs
@@ -206,9 +239,26 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     return rows
 
 
-def is_finished(run_dir: Path, epochs: int) -> bool:
-    """A run is done when its metrics cover all epochs and its model folder was written."""
+def planned_epochs(run_dir: Path) -> Optional[int]:
+    """The epochs a run is set to train (a time-budgeted run rewrites them in its args.yaml once it has planned)."""
+    import yaml
+    path = Path(run_dir) / 'args.yaml'
+    if not path.is_file():
+        return None
+    try:
+        return int((yaml.safe_load(path.read_text()) or {}).get('epochs'))
+    except (yaml.YAMLError, TypeError, ValueError):
+        return None
+
+
+def is_finished(run_dir: Path, epochs: Optional[int] = None) -> bool:
+    """A run is done when its metrics cover all epochs (None: the epochs the run planned for its time budget)
+    and its model folder was written."""
     run_dir = Path(run_dir)
+    if epochs is None:
+        epochs = planned_epochs(run_dir)
+        if epochs is None:
+            return False
     rows = [r for r in read_metrics(run_dir) if 'val_top1' in r]
     done_epochs = {r.get('epoch') for r in rows}
     model = run_dir / 'model'
@@ -253,39 +303,65 @@ def _summarise_run(run_dir: Path) -> Dict[str, Any]:
     speeds = [r['img_per_sec'] for r in rows if r.get('img_per_sec')]
     if len(speeds) > 1:
         speeds = speeds[1:]  # the first epoch includes start-up
+    config = Path(run_dir) / 'model' / 'config.json'
+    num_classes = json.loads(config.read_text()).get('num_classes') if config.is_file() else None
     return dict(best_top1=max(r['val_top1'] for r in rows), final_top1=rows[-1]['val_top1'],
                 final_top5=rows[-1].get('val_top5'), final_val_loss=rows[-1].get('val_loss'),
-                img_per_sec=statistics.mean(speeds) if speeds else float('nan'), epochs=len(rows))
+                img_per_sec=statistics.mean(speeds) if speeds else float('nan'), epochs=len(rows),
+                wall_min=rows[-1].get('wall_min'), num_classes=num_classes)
+
+
+def controlled_throughput(variants: List[Dict[str, Any]], num_classes: Optional[int] = None,
+                          precision: str = 'fp32', compile: bool = False, batch_size: int = 128, warmup: int = 3,
+                          iters: int = 10, log=print) -> Dict[str, Dict[str, float]]:
+    """Training and inference images/s of every variant, measured in this process with the variants' steps
+    interleaved (``bench.time_interleaved``), so that the machine's drift hits them all alike."""
+    import torch
+    from dynamixer.bench import StepRunner, time_interleaved
+    speeds: Dict[str, Dict[str, float]] = {v['name']: {} for v in variants}
+    for mode in ('train', 'inference'):
+        torch.manual_seed(0)
+        runners = {}
+        for v in variants:
+            net = build_variant(v, num_classes)
+            runners[v['name']] = StepRunner(net, mode, torch.randn(batch_size, *input_size(net)), precision, compile)
+            runners[v['name']].prepare_state()
+        log(f'throughput: {mode}, {len(runners)} models, batch {batch_size}, {precision}'
+            f'{" compiled" if compile else " eager"}, {warmup} warm-up and {iters} timed steps each, interleaved')
+        for name, times in time_interleaved(runners, warmup, iters, label=mode).items():
+            speeds[name][mode] = batch_size / statistics.median(times)
+    return speeds
 
 
 def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1, dry_run: bool = False,
-             log=print) -> Dict[str, Any]:
-    """Train every (variant, seed) not yet finished, then write the tables and the plot."""
+             train_missing: bool = True, throughput: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
+    """Train every (variant, seed) not yet finished (``train_missing=False``: tabulate the finished ones only),
+    measure the variants' throughput side by side if asked (``controlled_throughput``'s keyword arguments), then
+    write the tables and the plot."""
     model, base, variants = expand_grid(grid)
     train = dict(grid.get('train') or {})
     data = train.get('data')
     if not data:
         raise ValueError('the grid names no data; set train: {data: ...} or pass --data.')
-    epochs = train.get('epochs')
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f'train: epochs must be a positive integer (every run gets the same budget), got {epochs!r}.')
+    epochs, minutes = run_budget(train)
     for key in ('seed', 'output', 'model', 'resume'):
         if key in train:
             raise ValueError(f'train: {key} is set by the ablation runner per run; remove it from the grid.')
     out = Path(output)
     runs = [(v, seed) for v in variants for seed in v['seeds']]
-    log(f'{model}: {len(variants)} variants, {len(runs)} runs of {epochs} epochs -> {out}')
+    budget = f'{minutes:g} minutes' if minutes else f'{epochs} epochs'
+    log(f'{model}: {len(variants)} variants, {len(runs)} runs of {budget} -> {out}')
     if dry_run:
         for v, seed in runs:
             run_dir = out / 'runs' / _dirname(v['name']) / f'seed{seed}'
-            log(' '.join(train_command(data, model, v['kwargs'], train, seed, run_dir, False)))
+            log(' '.join(train_command(data, v['model'], v['kwargs'], train, seed, run_dir, False)))
         return dict(variants=variants, runs=[])
     out.mkdir(parents=True, exist_ok=True)
 
     def one(i_run: Tuple[int, Tuple[Dict[str, Any], int]]) -> Dict[str, Any]:
         i, (variant, seed) = i_run
         run_dir = out / 'runs' / _dirname(variant['name']) / f'seed{seed}'
-        config = dict(model=model, kwargs=variant['kwargs'], train=train, seed=seed)
+        config = dict(model=variant['model'], kwargs=variant['kwargs'], train=train, seed=seed)
         tag = f'[{i + 1}/{len(runs)}] {variant["name"]} seed {seed}'
         config_path = run_dir / RUN_CONFIG
         if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(json.dumps(config)):
@@ -296,11 +372,15 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
                           **_summarise_run(run_dir))
             log(f'{tag}: reused (best top-1 {result["best_top1"]:.2f}, final {result["final_top1"]:.2f})')
             return result
+        if not train_missing:
+            log(f'{tag}: not finished, left out')
+            return dict(variant=variant['name'], seed=seed, run_dir=str(run_dir), status='missing')
         resume = (run_dir / 'checkpoint.pth').is_file()  # train's own checkpoint of the last finished epoch
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(config, indent=1))
         start = time.time()
-        code = _train(train_command(data, model, variant['kwargs'], train, seed, run_dir, resume), run_dir, threads)
+        code = _train(train_command(data, variant['model'], variant['kwargs'], train, seed, run_dir, resume),
+                      run_dir, threads)
         took = time.time() - start
         if code != 0 or not is_finished(run_dir, epochs):
             log(f'{tag}: FAILED after {took:.0f} s (exit {code}); see {run_dir / "train.log"}')
@@ -317,12 +397,36 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
     else:
         results = [one(item) for item in enumerate(runs)]
 
-    table = summarise(model, variants, results)
-    write_results(out, model, base, train, table, results)
+    num_classes = next((r['num_classes'] for r in results if r.get('num_classes')), None)
+    speeds = None
+    if throughput is not None:
+        speeds = controlled_throughput(variants, num_classes, log=log, **throughput)
+    table = summarise(variants, results, num_classes, speeds)
+    write_results(out, model, base, train, table, [r for r in results if r['status'] != 'missing'])
     failed = [r for r in results if r['status'] == 'failed']
     log(f'wrote {out / "results.md"}, {out / "results.csv"}, {out / "runs.csv"}, {out / "accuracy.png"}'
         + (f'; {len(failed)} run(s) failed' if failed else ''))
     return dict(variants=variants, runs=results, table=table, failed=len(failed))
+
+
+def run_budget(train: Dict[str, Any]) -> Tuple[Optional[int], Optional[float]]:
+    """(epochs, None) or (None, minutes): the budget every run of the grid gets (a time budget may come from the
+    recipe)."""
+    minutes = train.get('time_budget')
+    if minutes is None and train.get('recipe'):
+        from dynamixer.settings import RECIPES
+        if train['recipe'] not in RECIPES:
+            raise ValueError(f'train: recipe {train["recipe"]!r} is not one of {", ".join(RECIPES)}.')
+        minutes = RECIPES[train['recipe']]('').get('time_budget')
+    if minutes is not None:
+        if not isinstance(minutes, (int, float)) or minutes <= 0:
+            raise ValueError(f'train: time_budget must be a positive number of minutes, got {minutes!r}.')
+        return None, float(minutes)
+    epochs = train.get('epochs')
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f'train: give every run the same budget, epochs (a positive integer) or time_budget '
+                         f'(minutes); got epochs={epochs!r}.')
+    return epochs, None
 
 
 def _dirname(name: str) -> str:
@@ -338,17 +442,20 @@ def _stats(values: List[float]) -> Dict[str, float]:
                 min=min(values), max=max(values))
 
 
-def summarise(model: str, variants: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def summarise(variants: List[Dict[str, Any]], results: List[Dict[str, Any]], num_classes: Optional[int] = None,
+              speeds: Optional[Dict[str, Dict[str, float]]] = None) -> List[Dict[str, Any]]:
     table = []
     for v in variants:
-        done = [r for r in results if r['variant'] == v['name'] and r['status'] != 'failed']
-        params, gmacs = count_params_macs(model, v['kwargs'])
+        done = [r for r in results if r['variant'] == v['name'] and r['status'] not in ('failed', 'missing')]
+        params, gmacs = count_params_macs(v, num_classes)
         best, final = _stats([r['best_top1'] for r in done]), _stats([r['final_top1'] for r in done])
         speed = _stats([r['img_per_sec'] for r in done if not math.isnan(r['img_per_sec'])])
         table.append(dict(
             variant=v['name'], overrides=json.dumps(v['overrides'], sort_keys=True) if v['overrides'] else '',
             seeds=' '.join(str(r['seed']) for r in done), runs=len(done), params=params, gmacs=gmacs,
             img_per_sec=speed['mean'],
+            train_img_per_sec_controlled=(speeds or {}).get(v['name'], {}).get('train', float('nan')),
+            inference_img_per_sec_controlled=(speeds or {}).get(v['name'], {}).get('inference', float('nan')),
             **{f'best_top1_{k}': x for k, x in best.items()}, **{f'final_top1_{k}': x for k, x in final.items()}))
     return table
 
@@ -372,7 +479,7 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
         for row in table:
             writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
     run_fields = ['variant', 'seed', 'status', 'best_top1', 'final_top1', 'final_top5', 'final_val_loss',
-                  'img_per_sec', 'epochs', 'seconds', 'run_dir']
+                  'img_per_sec', 'epochs', 'wall_min', 'seconds', 'run_dir']
     with open(out / 'runs.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=run_fields, extrasaction='ignore')
         writer.writeheader()
@@ -382,24 +489,37 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
         f'Model `{model}` with base knobs `{json.dumps(base, sort_keys=True)}`; every run: '
         f'`{json.dumps(train, sort_keys=True)}`.',
         '',
-        'Top-1 in %, on the validation images; mean ± std (min–max) over seeds where there are several. '
-        'img/s: training throughput (mean over epochs after the first).',
-        '',
-        '| variant | overrides | seeds | params | GMACs | train img/s | best val top-1 | final val top-1 |',
-        '|---|---|---|---:|---:|---:|---:|---:|',
+        'Top-1 in %, on the validation images: the last epoch\'s (final) and the best epoch\'s (selected on the '
+        'validation images themselves, so optimistic); mean ± std (min–max) over seeds where there are several. '
+        'img/s in runs: training throughput within the runs (mean over epochs after the first; runs at different '
+        'times see a machine of different speed).',
     ]
+    controlled = any(not math.isnan(row['train_img_per_sec_controlled']) for row in table)
+    if controlled:
+        lines[-1] += (' Controlled: training and inference images/s measured in one process, every variant\'s '
+                      'steps interleaved, and the training rate relative to the first variant.')
+    head = '| variant | overrides | seeds | params | GMACs | img/s in runs |'
+    if controlled:
+        head += ' controlled train img/s | relative | controlled inference img/s |'
+    lines += ['', head + ' final val top-1 | best val top-1 |',
+              '|---|---|---|' + '---:|' * (head.count('|') - 2) + '---:|---:|']
+    base_speed = table[0]['train_img_per_sec_controlled']
     for row in table:
         overrides = ', '.join(f'{k}={v}' for k, v in json.loads(row['overrides']).items()) if row['overrides'] else '—'
-        lines.append(f'| {row["variant"]} | {overrides} | {row["seeds"] or "—"} | {row["params"]:,} | '
-                     f'{row["gmacs"]:.4g} | {row["img_per_sec"]:.0f} | {_fmt_acc(row, "best")} | '
-                     f'{_fmt_acc(row, "final")} |')
+        line = (f'| {row["variant"]} | {overrides} | {row["seeds"] or "—"} | {row["params"]:,} | '
+                f'{row["gmacs"]:.4g} | {row["img_per_sec"]:.0f} |')
+        if controlled:
+            train_speed = row['train_img_per_sec_controlled']
+            line += (f' {train_speed:.0f} | {train_speed / base_speed:.2f}x | '
+                     f'{row["inference_img_per_sec_controlled"]:.0f} |')
+        lines.append(line + f' {_fmt_acc(row, "final")} | {_fmt_acc(row, "best")} |')
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
     plot(out / 'accuracy.png', table,
-         title=f'{model} ablation: best val top-1 (bars: min-max over seeds; dashed line and band: base)')
+         title=f'{model} ablation: final val top-1 (bars: min-max over seeds; dashed line and band: base)')
 
 
 def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
-    """Best val top-1 (mean, min-max bars) against params and against GMACs, one point per variant."""
+    """Final val top-1 (mean, min-max bars) against params and against GMACs, one point per variant."""
     import matplotlib
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
@@ -410,19 +530,19 @@ def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
     for ax, key, label in ((axes[0], 'params', 'parameters (M)'), (axes[1], 'gmacs', 'GMACs (batch 1)')):
         for r in rows:
             x = r[key] / 1e6 if key == 'params' else r[key]
-            y = r['best_top1_mean']
+            y = r['final_top1_mean']
             group = r['variant'].split('=')[0] if '=' in r['variant'] else r['variant']
-            err = [[y - r['best_top1_min']], [r['best_top1_max'] - y]]
+            err = [[y - r['final_top1_min']], [r['final_top1_max'] - y]]
             ax.errorbar([x], [y], yerr=err if r['runs'] > 1 else None, fmt='o', color=colors[group], capsize=3)
             ax.annotate(r['variant'], (x, y), textcoords='offset points', xytext=(4, 3), fontsize=7)
         ref = table[0]  # the base, as a reference line (mean) and band (min-max over seeds)
         if ref['runs']:
-            ax.axhline(ref['best_top1_mean'], color='grey', ls='--', lw=0.8)
+            ax.axhline(ref['final_top1_mean'], color='grey', ls='--', lw=0.8)
             if ref['runs'] > 1:
-                ax.axhspan(ref['best_top1_min'], ref['best_top1_max'], color='grey', alpha=0.12, lw=0)
+                ax.axhspan(ref['final_top1_min'], ref['final_top1_max'], color='grey', alpha=0.12, lw=0)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel('best val top-1 (%)')
+    axes[0].set_ylabel('final val top-1 (%)')
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -462,6 +582,8 @@ def grid_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         train['data'] = args.data
     if args.epochs:
         train['epochs'] = args.epochs
+    if args.time_budget:
+        train['time_budget'] = args.time_budget
     train.update(_parse_assignments(args.train_arg, '--train-arg'))
     grid['train'] = train
     return grid
@@ -470,5 +592,10 @@ def grid_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if args.jobs < 1 or args.threads < 1:
         raise ValueError('--jobs and --threads must be at least 1.')
-    result = run_grid(grid_from_args(args), args.output, jobs=args.jobs, threads=args.threads, dry_run=args.dry_run)
+    throughput = None
+    if args.throughput:
+        throughput = dict(precision=args.throughput, compile=args.throughput_compile,
+                          batch_size=args.throughput_batch_size)
+    result = run_grid(grid_from_args(args), args.output, jobs=args.jobs, threads=args.threads, dry_run=args.dry_run,
+                      train_missing=not args.no_train, throughput=throughput)
     return 1 if result.get('failed') else 0

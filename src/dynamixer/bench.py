@@ -131,7 +131,7 @@ def build_models(name: str, img_size: int, model_args: Dict[str, Any], device: t
     return models
 
 
-class _Runner:
+class StepRunner:
     """One implementation's inference or training step, optionally compiled."""
 
     def __init__(self, model: torch.nn.Module, mode: str, x: torch.Tensor, precision: str, compile: bool):
@@ -174,7 +174,7 @@ class _Runner:
         _sync(self.device)
 
 
-def time_interleaved(runners: Dict[str, _Runner], warmup: int, iters: int, quiet: bool = True,
+def time_interleaved(runners: Dict[str, StepRunner], warmup: int, iters: int, quiet: bool = True,
                      label: str = '') -> Dict[str, List[float]]:
     """Seconds per step of each runner, alternating the order every iteration."""
     names = list(runners)
@@ -251,7 +251,7 @@ def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
                           cfg.get('fast_path'))
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
-    runner = _Runner(model, cfg['mode'], x, cfg['precision'], compile=cfg['compile'])
+    runner = StepRunner(model, cfg['mode'], x, cfg['precision'], compile=cfg['compile'])
     runner.prepare_state()
     if cfg['compile']:  # compile outside the measured step
         runner.step()
@@ -359,7 +359,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
     for mode in modes:
         batch = batch_size if mode == 'inference' else train_batch_size
         x = torch.randn(batch, *input_size, device=dev)
-        runners = {impl: _Runner(m, mode, x, *setting(impl)) for impl, m in models.items()}
+        runners = {impl: StepRunner(m, mode, x, *setting(impl)) for impl, m in models.items()}
         label = f'{mode} b{batch}'
         start = time.perf_counter()
         times = time_interleaved(runners, warmup, iters, quiet, label)
@@ -402,8 +402,8 @@ def resolution_sweep(model: str = 'dynamixer_s', sizes: Sequence[int] = (160, 22
         _log(f'sweep {size}x{size}', quiet)
         fixed = build_models(model, size, model_args, dev, ('fast',), seed)['fast']
         x = torch.randn(batch_size, 3, size, size, device=dev)
-        runners = {'fixed': _Runner(fixed, 'inference', x, precision, False),
-                   'dynamic': _Runner(dynamic, 'inference', x, precision, False)}
+        runners = {'fixed': StepRunner(fixed, 'inference', x, precision, False),
+                   'dynamic': StepRunner(dynamic, 'inference', x, precision, False)}
         times = time_interleaved(runners, warmup, iters, quiet, f'sweep {size}')
         row = {'img_size': size,
                'fixed_gmacs': count_macs(fixed, (3, size, size)) / 1e9,

@@ -128,12 +128,24 @@ def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
                         help='seeds of every variant (overrides the grid)')
     parser.add_argument('--data', help='training data, as for dynamixer train (overrides the grid)')
     parser.add_argument('--epochs', type=number(int, at_least=1), help='epochs per run (overrides the grid)')
+    parser.add_argument('--time-budget', type=number(above=0), metavar='MIN',
+                        help='minutes of wall time per run instead of epochs: each run plans its own epochs '
+                             '(as dynamixer train --time-budget; overrides the grid)')
     parser.add_argument('--train-arg', nargs='+', default=[], metavar='FLAG=VALUE',
                         help='more dynamixer train settings shared by every run, e.g. batch_size=128 val_split=0.1')
     parser.add_argument('--jobs', type=number(int, at_least=1), default=1, help='runs trained at the same time')
     parser.add_argument('--threads', type=number(int, at_least=1), default=1,
                         help='CPU threads per run (OMP_NUM_THREADS)')
     parser.add_argument('--dry-run', action='store_true', help='print the training commands and stop')
+    parser.add_argument('--no-train', action='store_true',
+                        help='train nothing: tabulate the finished runs (a grid filled over several sittings)')
+    parser.add_argument('--throughput', choices=('fp32', 'bf16'),
+                        help='also measure every variant\'s training and inference images/s in this process, '
+                             'interleaved, at this precision (a controlled comparison; the runs\' own img/s '
+                             'depend on when they ran)')
+    parser.add_argument('--throughput-compile', action='store_true', help='with --throughput: torch.compile them')
+    parser.add_argument('--throughput-batch-size', type=number(int, at_least=1), default=128,
+                        help='with --throughput: batch size (default 128)')
 
 
 def _visualize_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
         model='dynamixer_cifar_xs', time_budget=60., epochs=1000, batch_size=128, opt='adamw', lr=2e-3,
         weight_decay=0.05, sched='cosine', warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.05,
         crop='pad', hflip=0.5, cutout=8, smoothing=0.1, amp='auto', compile=True, data_path='tensor', threads=None,
-        save_model='last'),
+        save_model='last', tta_flip=True),
 }
 
 NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', 'overwrite', '_run', '_explicit'}
@@ -202,6 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--save-model', default='best', choices=['best', 'last'],
                    help="what OUTPUT/model holds: the epoch with the best val top-1 ('best'), or the last epoch "
                         "('last': no selection on the validation images, for reporting held-out accuracy)")
+    g.add_argument('--tta-flip', action=boolean, default=False,
+                   help='after the last epoch, also validate with flip test-time augmentation (the logits of each '
+                        'image and its mirror averaged), within --time-budget; logged and recorded as val_top1_tta')
     g.add_argument('--checkpoint-every', type=number(int, at_least=0), default=0,
                    help='also checkpoint every N optimiser steps within an epoch (0: at the end of each epoch only)')
     g.add_argument('--seed', type=number(int, at_least=0, below=2**32), default=0,

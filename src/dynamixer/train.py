@@ -594,10 +594,21 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                       val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'], val_images=val['count'],
                       lr=opt.optimizer.param_groups[-1]['lr'], img_per_sec=stats[2].item() / max(train_time, 1e-9),
                       epoch_time=train_time, wall_min=(time.time() - t_start) / 60)
+        tta = ''
+        if cfg.tta_flip and state.epoch + 1 == cfg.epochs:
+            flipped = evaluate(opt.ema.module if opt.ema is not None else raw_model, data.val_loader, device,
+                               len(data.classes), opt.amp_dtype, tta_flip=True)
+            if ddp:
+                for t in (flipped['loss_sum'], flipped['hits'], flipped['confusion']):
+                    dist.all_reduce(t)
+            flipped = summarize(flipped)
+            record.update(val_top1_tta=flipped['top1'], val_loss_tta=flipped['loss'],
+                          wall_min=(time.time() - t_start) / 60)
+            tta = f'  val_top1 with flip TTA {flipped["top1"]:.2f}%'
         state.history.append(record)
         log(f'epoch {state.epoch + 1}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}  val_loss {val["loss"]:.4f}'
             f'  val_top1 {val["top1"]:.2f}%  val_top5 {val["top5"]:.2f}%  lr {record["lr"]:.2e}  '
-            f'{record["img_per_sec"]:.0f} img/s  {train_time:.1f}s')
+            f'{record["img_per_sec"]:.0f} img/s  {train_time:.1f}s{tta}')
         state.step_in_epoch = 0
         if master:
             if val['top1'] > state.best_top1 or cfg.save_model == 'last':
