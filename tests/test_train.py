@@ -281,7 +281,7 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path, image_folder):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
            '-m', 'dynamixer.cli', *train_args(out, '--data', str(image_folder), '--epochs', '2',
-                                              '--batch-size', '8', '--workers', '0')]
+                                              '--batch-size', '8', '--workers', '0', '--tta-flip')]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from dynamixer.train import weights_hash
@@ -294,6 +294,9 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path, image_folder):
     assert f'all 2 processes hold the same weights (sha256 {weights_hash(model)[:12]})' in proc.stdout
     records = _metrics(out)
     assert all(r['val_images'] == 12 for r in records)  # validation reduced over both ranks, no duplicates
+    # the last epoch's flip-TTA figure (reduced by the same code as the plain one), and only the last epoch's
+    assert 'val_top1_tta' not in records[0] and 0 <= records[-1]['val_top1_tta'] <= 100
+    assert proc.stdout.count('with flip TTA') == 1
     assert '2 process(es)' in proc.stdout and proc.stdout.count('epoch 2/2 ') == 1  # rank 1 stays quiet
     settings = yaml.safe_load((out / 'args.yaml').read_text())
     assert settings['batch_size'] == 8

@@ -579,29 +579,30 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         if opt.ema is not None:
             opt.ema.update(raw_model, step=state.global_step)
 
-    def validate_and_save(train_time: float, seen: int) -> None:
-        """Validate (the EMA when there is one), reduce over ranks, log, save the model, metrics and checkpoint."""
-        stats = torch.tensor([state.running['loss_sum'], state.running['samples'], seen], dtype=torch.float64,
-                             device=device)
+    def validated(tta_flip: bool = False) -> Dict[str, Any]:
+        """Held-out metrics of the model we save (the EMA when there is one), summed over ranks."""
         sums = evaluate(opt.ema.module if opt.ema is not None else raw_model, data.val_loader, device,
-                        len(data.classes), opt.amp_dtype)
+                        len(data.classes), opt.amp_dtype, tta_flip=tta_flip)
         warn_unreadable(sums['unreadable'])
         if ddp:
-            for t in (stats, sums['loss_sum'], sums['hits'], sums['confusion']):
+            for t in (sums['loss_sum'], sums['hits'], sums['confusion']):
                 dist.all_reduce(t)
-        val = summarize(sums)
+        return summarize(sums)
+
+    def validate_and_save(train_time: float, seen: int) -> None:
+        """Validate, reduce over ranks, log, save the model, metrics and checkpoint."""
+        stats = torch.tensor([state.running['loss_sum'], state.running['samples'], seen], dtype=torch.float64,
+                             device=device)
+        if ddp:
+            dist.all_reduce(stats)
+        val = validated()
         record = dict(epoch=state.epoch + 1, train_loss=stats[0].item() / max(stats[1].item(), 1),
                       val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'], val_images=val['count'],
                       lr=opt.optimizer.param_groups[-1]['lr'], img_per_sec=stats[2].item() / max(train_time, 1e-9),
                       epoch_time=train_time, wall_min=(time.time() - t_start) / 60)
         tta = ''
         if cfg.tta_flip and state.epoch + 1 == cfg.epochs:
-            flipped = evaluate(opt.ema.module if opt.ema is not None else raw_model, data.val_loader, device,
-                               len(data.classes), opt.amp_dtype, tta_flip=True)
-            if ddp:
-                for t in (flipped['loss_sum'], flipped['hits'], flipped['confusion']):
-                    dist.all_reduce(t)
-            flipped = summarize(flipped)
+            flipped = validated(tta_flip=True)
             record.update(val_top1_tta=flipped['top1'], val_loss_tta=flipped['loss'],
                           wall_min=(time.time() - t_start) / 60)
             tta = f'  val_top1 with flip TTA {flipped["top1"]:.2f}%'
