@@ -35,7 +35,7 @@ A real-budget grid with peers (docs/ablations.md)::
     axes: {generation: [static, dense]}
     variants:
       vip: {token_mixer: permute}
-      mixer: {model: mixer_s16_224, img_size: 32, patch_size: 4, embed_dim: 160, num_blocks: 8}
+      mixer: {model: mixer_s16_224, img_size: 32, patch_size: 4, embed_dim: 160, num_blocks: 9}
 """
 import argparse
 import csv
@@ -193,10 +193,9 @@ def expand_grid(grid: Dict[str, Any]) -> Tuple[str, Dict[str, Any], List[Dict[st
 
 def _check_builds(variant: Dict[str, Any]) -> None:
     import torch
-    from dynamixer.catalog import create_any_model
     try:
         with torch.device('meta'):
-            create_any_model(variant['model'], **variant['kwargs'])
+            build_variant(variant)
     except (ValueError, TypeError, KeyError, AssertionError) as e:
         raise ValueError(f'variant {variant["name"]!r} does not build: {e}') from None
 
