@@ -3,8 +3,8 @@
     python benchmarks/cifar10_plot.py runs/cifar10_s0='seed 0' runs/cifar10_s1='seed 1' --output docs/images/cifar10_time.png
 
 Each run folder's metrics.jsonl gives one curve (its ``wall_min`` is measured from the start of the run, so
-data loading and compilation are on the x axis too); a star marks the last epoch's flip-TTA accuracy where the run
-measured it (``--tta-flip``).
+data loading and compilation are on the x axis too); a star marks the last epoch's TTA accuracy where the run
+measured it (``--tta flip`` or ``flip-shift``).
 """
 import argparse
 import json
@@ -32,12 +32,12 @@ def main() -> None:
         rows = [json.loads(line) for line in (Path(run) / 'metrics.jsonl').read_text().splitlines()]
         settings = (Path(run) / 'args.yaml').read_text()
         seed = next((line.split(':')[1].strip() for line in settings.splitlines() if line.startswith('seed:')), '?')
-        tta = rows[-1].get('val_top1_tta')
+        tta, views = rows[-1].get('val_top1_tta'), rows[-1].get('tta', 'flip')  # runs before --tta: flip
         line, = ax.plot([r['wall_min'] for r in rows], [r['val_top1'] for r in rows], marker='.',
                         label=f'{label or "seed " + seed}: {rows[-1]["val_top1"]:.2f}%'
-                              + (f' ({tta:.2f}% flip TTA)' if tta is not None else '')
+                              + (f' ({tta:.2f}% {views} TTA)' if tta is not None else '')
                               + f' after {rows[-1]["wall_min"]:.1f} min')
-        if tta is not None:  # the recipe's last validation with flip TTA, inside the budget
+        if tta is not None:  # the recipe's last validation with TTA, inside the budget
             ax.plot([rows[-1]['wall_min']], [tta], marker='*', ms=10, color=line.get_color(), ls='none')
     ax.axhline(args.target, color='grey', ls='--', lw=0.8)
     ax.axvline(args.budget, color='grey', ls=':', lw=0.8)

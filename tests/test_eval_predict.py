@@ -99,12 +99,27 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
     images, targets = torch.randn(64, 3, 4, 4), torch.randint(0, 5, (64,))
     loader = [(images[:40], targets[:40], []), (images[40:], targets[40:], [])]
     plain = summarize(evaluate(model, loader, torch.device('cpu'), 5))
-    tta = summarize(evaluate(model, loader, torch.device('cpu'), 5, tta_flip=True))
+    tta = summarize(evaluate(model, loader, torch.device('cpu'), 5, tta='flip'))
     with torch.no_grad():
         logits = (model(images) + model(images.flip(-1))) / 2
     assert tta['top1'] == pytest.approx((logits.argmax(1) == targets).float().mean().item() * 100)
     assert tta['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
     assert tta['loss'] != pytest.approx(plain['loss'], rel=1e-3)  # the mirror really was looked at
+
+
+def test_flip_shift_tta_adds_the_mirrored_pairs_shifted_one_pixel_diagonally():
+    from dynamixer.evaluate import tta_logits
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 5 * 6, 4))  # linear: views average as images
+    x = torch.randn(3, 2, 5, 6)
+    up_left = x[:, :, [1, 0, 1, 2, 3]][..., [1, 0, 1, 2, 3, 4]]  # reflection at the top and left edges
+    down_right = x[:, :, [1, 2, 3, 4, 3]][..., [1, 2, 3, 4, 5, 4]]
+    mean_view = (x + x.flip(-1)) / 4 + (up_left + up_left.flip(-1) + down_right + down_right.flip(-1)) / 8
+    with torch.no_grad():
+        assert torch.allclose(tta_logits(model, x, 'flip-shift'), model(mean_view), atol=1e-5)
+        assert not torch.allclose(tta_logits(model, x, 'flip'), model(mean_view), atol=1e-3)
+    with pytest.raises(ValueError, match='tta must be one of'):
+        tta_logits(model, x, 'rotate')
 
 
 def test_predict_warns_when_the_image_looks_nothing_like_the_models_inputs(trained, capsys, tmp_path):

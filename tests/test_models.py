@@ -721,3 +721,17 @@ def test_cpu_fp32_training_runs_its_linears_through_onednn_with_the_reference_gr
     assert calls == 0
     for name, grad in expected.items():
         assert torch.allclose(plain[name], grad, atol=1e-4), name
+
+
+@pytest.mark.parametrize('stem, first_stride, num_convs', [('conv', 1, 3), ('conv_strided', 2, 2)])
+def test_conv_stems_reach_the_patch_grid_with_overlapping_convs(stem, first_stride, num_convs):
+    """Both conv stems end on the patch stem's grid; 'conv' starts at full resolution, 'conv_strided' does not."""
+    patch = timm.create_model('dynamixer_cifar_xs', stem='patch')
+    model = timm.create_model('dynamixer_cifar_xs', stem=stem)
+    convs = [m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == num_convs and convs[0].stride == (first_stride, first_stride)
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    x = torch.randn(2, 3, 34, 35)  # edge pixels beyond whole patches are dropped, as by the patch stem
+    assert model.stem(x).shape == patch.stem(x).shape == (2, 8, 8, 96)
+    with pytest.raises(ValueError, match="stem must be 'patch'"):
+        timm.create_model('dynamixer_cifar_xs', stem='conv_overlap')

@@ -38,14 +38,14 @@ def test_plan_epochs_fits_the_budget():
     assert more == sorted(more) and more[0] < more[-1]
 
 
-def test_replan_grows_only_in_the_first_half_and_shrinks_any_time(monkeypatch):
-    """A 100 s budget planned at epoch 1 (t = 5 s): the mean whole epoch since then sets the new end."""
+def test_replan_follows_the_machine_and_grows_one_epoch_at_a_time_in_the_second_half(monkeypatch):
+    """A 100 s budget planned at epoch 1 (t = 10 s), re-planned after every whole epoch."""
     from types import SimpleNamespace
     import dynamixer.train as train_module
     clock = SimpleNamespace(now=0.)
     monkeypatch.setattr(train_module.time, 'time', lambda: clock.now)
-    cfg = SimpleNamespace(time_budget=100 / 60, resume=False, epochs=10)
-    budget = SimpleNamespace(planned_at=(1, 5.), cap=1000)
+    cfg = SimpleNamespace(time_budget=100 / 60, resume=False, epochs=20, tta='none')
+    budget = SimpleNamespace(planned_at=(1, 10.), cap=1000, epoch_ends=[10.], val_s=0.)
     logged = []
 
     def after_epoch(epoch: int, now: float) -> int:
@@ -54,15 +54,17 @@ def test_replan_grows_only_in_the_first_half_and_shrinks_any_time(monkeypatch):
                       logged.append)
         return cfg.epochs
 
-    # epoch 3 of 10 (first half) at 4 s an epoch: the 87 s left fit 21 more
-    assert after_epoch(3, 13.) == 3 + int(0.98 * 87 // 4) == 24
-    # epoch 12 of 24 still in the first half: faster (2.5 s an epoch since epoch 1) grows again
-    assert after_epoch(12, 32.5) == 12 + int(0.98 * 67.5 // 2.5) == 38
-    # epoch 20 of 38, second half: faster still does not grow (the cosine is past its middle) ...
-    assert after_epoch(20, 41.) == 38
-    # ... but slower shrinks, so that the run ends in time
-    assert after_epoch(21, 80.) == 21 + int(0.98 * 20 // (75 / 20)) == 26
-    assert len(logged) == 3 and all('time budget' in line for line in logged)
+    # first half, 4 s an epoch: the mean epoch since the plan sets the end (86 s left fit 21 more)
+    assert after_epoch(2, 14.) == 2 + int(0.98 * 86 // 4) == 23
+    assert all(after_epoch(e, 10. + 4 * (e - 1)) == 23 for e in range(3, 13))  # steady: no change
+    # second half, the machine now 2 s an epoch: the last 3 epochs' mean says more fit; one epoch more each time
+    assert [after_epoch(e, t) for e, t in ((13, 56.), (14, 58.), (15, 60.))] == [24, 25, 26]
+    # a slow spell (a 10 s epoch): shorter at once, as far as the recent speed needs
+    assert after_epoch(16, 70.) == 16 + int(0.98 * 30 // (14 / 3)) == 22
+    # the last epoch's flip TTA costs about two validations more (two views): kept out of the time left
+    cfg.tta, budget.val_s = 'flip', 5.
+    assert after_epoch(17, 75.) == 17 + int(0.98 * (100 - 75 - 2 * 5) // (17 / 3)) == 19
+    assert len(logged) == 6 and all('time budget' in line for line in logged)
 
 
 def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsys):
@@ -72,7 +74,7 @@ def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsy
     t0 = time.time()
     code = cli.main(['train', '--data', str(data.parent), '--val-split', '0.25', '--output', str(out),
                      '--no-progress', *TINY_MODEL, '--img-size', '8', '--batch-size', '4', '--time-budget', str(budget_min),
-                     '--epochs', '1000', '--warmup-epochs', '1', '--lr', '2e-3', '--min-lr', '1e-5', '--tta-flip'])
+                     '--epochs', '1000', '--warmup-epochs', '1', '--lr', '2e-3', '--min-lr', '1e-5', '--tta', 'flip-shift'])
     elapsed = time.time() - t0
     err = capsys.readouterr()
     assert code == 0, err.err
@@ -89,7 +91,7 @@ def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsy
     assert history[-1]['lr'] < 0.05 * 2e-3  # the cosine ran to its end
     # the flip TTA measurement comes after the last epoch only, inside the budget (wall_min above includes it)
     assert 'val_top1_tta' in history[-1] and not any('val_top1_tta' in h for h in history[:-1])
-    assert 0 <= history[-1]['val_top1_tta'] <= 100 and 'with flip TTA' in err.out
+    assert 0 <= history[-1]['val_top1_tta'] <= 100 and 'with flip-shift TTA' in err.out
 
 
 def test_shipped_weights_load_offline_and_predict(tmp_path, monkeypatch, capsys):

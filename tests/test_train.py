@@ -281,7 +281,7 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path, image_folder):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
            '-m', 'dynamixer.cli', *train_args(out, '--data', str(image_folder), '--epochs', '2',
-                                              '--batch-size', '8', '--workers', '0', '--tta-flip')]
+                                              '--batch-size', '8', '--workers', '0', '--tta', 'flip')]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from dynamixer.train import weights_hash

@@ -101,8 +101,11 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument('--confusion', default=None,
                         help='where to write the confusion-matrix PNG (default: confusion.png in the training run)')
-    parser.add_argument('--tta-flip', action='store_true',
-                        help='average the logits of each image and its mirror image (test-time augmentation)')
+    from dynamixer.settings import TTA_MODES
+    parser.add_argument('--tta', default='none', choices=TTA_MODES,
+                        help="test-time augmentation: 'flip' averages the logits of each image and its mirror "
+                             "image, 'flip-shift' also those of the pair shifted by one pixel both ways diagonally "
+                             "(6 views)")
     parser.add_argument('--json', action='store_true', help='print the metrics as one JSON object')
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynamixer.settings import TTA_MODES
+
 
 def load_model_dir(path: str, device: str = 'cpu') -> nn.Module:
     """The model in a timm local-dir folder (config.json + model.safetensors), weights loaded, in eval mode.
@@ -65,11 +67,31 @@ def label_names(model: nn.Module) -> List[str]:
 
 
 @torch.no_grad()
+def tta_logits(model: nn.Module, images: torch.Tensor, tta: str = 'none') -> torch.Tensor:
+    """The model's fp32 logits for ``images``, averaged over the views of ``tta`` (one of TTA_MODES): 'flip'
+    averages each image and its mirror image; 'flip-shift' adds the pair translated by one pixel up-left and
+    down-right (reflection padding), the pairs weighted 1/2, 1/4, 1/4 (the six views of airbench's CIFAR-10 TTA,
+    Jordan 2024)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f'tta must be one of {TTA_MODES}, got {tta!r}.')
+
+    def with_mirror(x: torch.Tensor) -> torch.Tensor:
+        return (model(x).float() + model(x.flip(-1)).float()) / 2
+
+    if tta == 'none':
+        return model(images).float()
+    if tta == 'flip':
+        return with_mirror(images)
+    H, W = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode='reflect')
+    shifted = (with_mirror(padded[..., :H, :W]) + with_mirror(padded[..., 2:, 2:])) / 2
+    return (with_mirror(images) + shifted) / 2
+
+
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int,
-             amp_dtype: Optional[torch.dtype] = None, progress: bool = False, tta_flip: bool = False) -> Dict[str, Any]:
+             amp_dtype: Optional[torch.dtype] = None, progress: bool = False, tta: str = 'none') -> Dict[str, Any]:
     """Sums of loss, top-1/top-5 hits and the confusion matrix over ``loader`` (not yet averaged, so that
-    ranks can add theirs up), plus the unreadable images met on the way. ``tta_flip`` averages the logits of
-    each image and its mirror image (test-time augmentation)."""
+    ranks can add theirs up), plus the unreadable images met on the way; ``tta`` as in ``tta_logits``."""
     from tqdm import tqdm
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -83,10 +105,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int,
             continue
         images, targets = images.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-            if tta_flip:
-                logits = (logits.float() + model(images.flip(-1)).float()) / 2
-        logits = logits.float()
+            logits = tta_logits(model, images, tta)
         loss_sum += F.cross_entropy(logits, targets, reduction='sum').double()
         top = logits.topk(k, dim=1).indices
         hits[0] += (top[:, 0] == targets).sum()
@@ -162,13 +181,13 @@ def run(args) -> None:
     val = splits.val
     val.transform = eval_transform(resolve_data_config(model=model))
     loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
-    sums = evaluate(model, loader, device, len(classes), progress=sys.stderr.isatty(), tta_flip=args.tta_flip)
+    sums = evaluate(model, loader, device, len(classes), progress=sys.stderr.isatty(), tta=args.tta)
     metrics = summarize(sums)
     folder = model_folder(args.model_dir)  # the run folder holds the plot, whether the run or its model/ is given
     png = args.confusion or str(folder.parent / 'confusion.png' if folder else f'confusion-{args.model_dir}.png')
     save_confusion_png(sums['confusion'], classes, png,
                        title=f'{splits.name} val: top-1 {metrics["top1"]:.2f}%')
-    metrics.update(confusion_png=png, unreadable=len(sums['unreadable']), tta_flip=args.tta_flip)
+    metrics.update(confusion_png=png, unreadable=len(sums['unreadable']), tta=args.tta)
     for u in sums['unreadable']:
         print(f'warning: skipped unreadable image {u.path} ({u.reason})', file=sys.stderr)
     if args.json:
@@ -176,7 +195,7 @@ def run(args) -> None:
         print(json.dumps(metrics))
         return
     print(f'{splits.name} val: {metrics["count"]} images  top-1 {metrics["top1"]:.2f}%  '
-          f'top-5 {metrics["top5"]:.2f}%  loss {metrics["loss"]:.4f}{"  (flip TTA)" if args.tta_flip else ""}')
+          f'top-5 {metrics["top5"]:.2f}%  loss {metrics["loss"]:.4f}{f"  ({args.tta} TTA)" if args.tta != "none" else ""}')
     print('per-class top-1:')
     width = max(len(c) for c in classes)
     for c, acc in zip(classes, metrics['per_class']):

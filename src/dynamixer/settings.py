@@ -10,6 +10,10 @@ from typing import Any, Callable, Dict
 
 from dynamixer.cli import number
 
+# Views of each held-out image that test-time augmentation averages (dynamixer.evaluate.tta_logits).
+TTA_VIEWS = {'none': 1, 'flip': 2, 'flip-shift': 6}
+TTA_MODES = tuple(TTA_VIEWS)
+
 # The default model for digits (8 x 8 grayscale): 0.38M parameters, 2 x 2 patches (a 1-pixel token carries one
 # number, which LayerNorm reduces to its sign), 4 x 4 tokens throughout, fan-in init (std 0.02 is far too small
 # at 64 channels: training idles for epochs). Accuracy over seeds: README, Train.
@@ -41,7 +45,7 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
         model='dynamixer_cifar_xs', time_budget=60., epochs=1000, batch_size=128, opt='adamw', lr=2e-3,
         weight_decay=0.05, sched='cosine', warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.05,
         crop='pad', hflip=0.5, cutout=8, smoothing=0.1, amp='auto', compile=True, data_path='tensor', threads=None,
-        save_model='last', tta_flip=True),
+        save_model='last', tta='flip-shift'),
 }
 
 NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', 'overwrite', '_run', '_explicit'}
@@ -202,9 +206,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--save-model', default='best', choices=['best', 'last'],
                    help="what OUTPUT/model holds: the epoch with the best val top-1 ('best'), or the last epoch "
                         "('last': no selection on the validation images, for reporting held-out accuracy)")
-    g.add_argument('--tta-flip', action=boolean, default=False,
-                   help='after the last epoch, also validate with flip test-time augmentation (the logits of each '
-                        'image and its mirror averaged), within --time-budget; logged and recorded as val_top1_tta')
+    g.add_argument('--tta', default='none', choices=TTA_MODES,
+                   help="after the last epoch, also validate with test-time augmentation, within --time-budget: "
+                        "'flip' (each image and its mirror), 'flip-shift' (also shifted by one pixel, 6 views); "
+                        "logged and recorded as val_top1_tta")
     g.add_argument('--checkpoint-every', type=number(int, at_least=0), default=0,
                    help='also checkpoint every N optimiser steps within an epoch (0: at the end of each epoch only)')
     g.add_argument('--seed', type=number(int, at_least=0, below=2**32), default=0,

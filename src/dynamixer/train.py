@@ -33,8 +33,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from dynamixer.io import atomic_write, write_text
-from dynamixer.settings import DIGITS_MODEL_KWARGS, NOT_HYPERPARAMETERS, resolve_settings
+from dynamixer.settings import DIGITS_MODEL_KWARGS, NOT_HYPERPARAMETERS, TTA_VIEWS, resolve_settings
 
+# In a --time-budget run's second half, the whole epochs whose mean time re-plans the schedule.
+RECENT_EPOCHS = 3
 # Optimiser steps timed to plan a --time-budget run: from CALIBRATION[0] (compiled, allocator warm) to CALIBRATION[1].
 CALIBRATION = (10, 50)
 
@@ -579,10 +581,10 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         if opt.ema is not None:
             opt.ema.update(raw_model, step=state.global_step)
 
-    def validated(tta_flip: bool = False) -> Dict[str, Any]:
+    def validated(tta: str = 'none') -> Dict[str, Any]:
         """Held-out metrics of the model we save (the EMA when there is one), summed over ranks."""
         sums = evaluate(opt.ema.module if opt.ema is not None else raw_model, data.val_loader, device,
-                        len(data.classes), opt.amp_dtype, tta_flip=tta_flip)
+                        len(data.classes), opt.amp_dtype, tta=tta)
         warn_unreadable(sums['unreadable'])
         if ddp:
             for t in (sums['loss_sum'], sums['hits'], sums['confusion']):
@@ -601,11 +603,11 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                       lr=opt.optimizer.param_groups[-1]['lr'], img_per_sec=stats[2].item() / max(train_time, 1e-9),
                       epoch_time=train_time, wall_min=(time.time() - t_start) / 60)
         tta = ''
-        if cfg.tta_flip and state.epoch + 1 == cfg.epochs:
-            flipped = validated(tta_flip=True)
-            record.update(val_top1_tta=flipped['top1'], val_loss_tta=flipped['loss'],
+        if cfg.tta != 'none' and state.epoch + 1 == cfg.epochs:
+            augmented = validated(cfg.tta)
+            record.update(val_top1_tta=augmented['top1'], val_loss_tta=augmented['loss'], tta=cfg.tta,
                           wall_min=(time.time() - t_start) / 60)
-            tta = f'  val_top1 with flip TTA {flipped["top1"]:.2f}%'
+            tta = f'  val_top1 with {cfg.tta} TTA {augmented["top1"]:.2f}%'
         state.history.append(record)
         log(f'epoch {state.epoch + 1}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}  val_loss {val["loss"]:.4f}'
             f'  val_top1 {val["top1"]:.2f}%  val_top5 {val["top5"]:.2f}%  lr {record["lr"]:.2e}  '
@@ -625,7 +627,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         f'{len(data.classes)} classes; {world} process(es) on {device.type}, batch {cfg.batch_size} '
         f'({data.micro_batch} x {world} x {cfg.accum_steps}), {steps_per_epoch} steps/epoch')
     calibration = (min(CALIBRATION[0], steps_per_epoch - 1), min(CALIBRATION[1], steps_per_epoch))
-    budget = SimpleNamespace(cap=cfg.epochs, t_calibration=time.time(), planned_at=None)
+    budget = SimpleNamespace(cap=cfg.epochs, t_calibration=time.time(), planned_at=None, epoch_ends=[], val_s=0.)
     while state.epoch < cfg.epochs:  # ---------------------------------------------------------- the loop
         data.splits.train.epoch = state.epoch
         data.loader_rng.manual_seed(cfg.seed * 100003 + state.epoch)
@@ -658,7 +660,9 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                     and state.step_in_epoch < steps_per_epoch:
                 save_checkpoint(state.epoch, state.step_in_epoch)
         bar.close()
-        validate_and_save(time.time() - t0, state.running['samples'] - seen_before)
+        t_val = time.time()
+        validate_and_save(t_val - t0, state.running['samples'] - seen_before)
+        budget.val_s = time.time() - t_val  # the flip TTA of the last epoch costs about one more
         state.epoch += 1
         replan_budget(cfg, state, budget, t_start, set_epochs, log)
 
@@ -701,19 +705,33 @@ def plan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, calibratio
 
 def replan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, t_start: float, set_epochs: Callable,
                   log: Callable) -> None:
-    """After each whole epoch of a --time-budget run: re-plan from the mean whole epoch (validation included)
-    since the first plan. Longer or shorter while the schedule is in its first half (the learning rate near its
-    peak, where one more epoch barely moves it), so that a slow spell early does not cost epochs for good; in the
-    second half only shorter (a busy machine), so that the run still ends in time."""
+    """After each whole epoch of a --time-budget run: re-plan so that the run ends within its budget.
+
+    In the schedule's first half (the learning rate near its peak, where one more epoch barely moves it) from the
+    mean whole epoch (validation included) since the first plan, longer or shorter, so that a slow spell early
+    does not cost epochs for good. In the second half from the last RECENT_EPOCHS epochs (the machine's speed
+    now): shorter as far as needed, longer by one epoch at a time and only with half an epoch to spare (epoch
+    times jitter), so that time left by a slow spell that has passed is still used while the cosine's tail moves
+    only a little."""
+    now = time.time()
     if budget.planned_at is None and state.planned:
-        budget.planned_at = (state.epoch, time.time())  # epochs after this one show the steady speed
+        budget.planned_at = (state.epoch, now)  # epochs after this one show the steady speed
+        budget.epoch_ends = [now]
         return
     if not (cfg.time_budget and not cfg.resume and budget.planned_at and state.epoch < cfg.epochs):
         return
-    epoch_s = (time.time() - budget.planned_at[1]) / (state.epoch - budget.planned_at[0])
-    fits = min(budget.cap, state.epoch + int(0.98 * (cfg.time_budget * 60 - (time.time() - t_start)) // epoch_s))
-    may_grow = state.epoch == budget.planned_at[0] + 1 or 2 * state.epoch <= cfg.epochs
-    if fits < cfg.epochs or (fits > cfg.epochs and may_grow):
+    budget.epoch_ends.append(now)
+    left_s = cfg.time_budget * 60 - (now - t_start) - (budget.val_s * TTA_VIEWS[cfg.tta] if cfg.tta != 'none' else 0.)
+    if state.epoch == budget.planned_at[0] + 1 or 2 * state.epoch <= cfg.epochs:
+        epoch_s = (now - budget.planned_at[1]) / (state.epoch - budget.planned_at[0])
+        fits = min(budget.cap, state.epoch + int(0.98 * left_s // epoch_s))
+    else:
+        recent = budget.epoch_ends[-RECENT_EPOCHS - 1:]
+        epoch_s = (recent[-1] - recent[0]) / (len(recent) - 1)
+        fits = min(cfg.epochs, state.epoch + int(0.98 * left_s // epoch_s))
+        if state.epoch + int((0.98 * left_s - epoch_s / 2) // epoch_s) > cfg.epochs:  # half an epoch to spare
+            fits = min(budget.cap, cfg.epochs + 1)
+    if fits != cfg.epochs:
         log(f'time budget: a whole epoch takes {epoch_s:.0f}s, so the schedule now ends after epoch '
             f'{max(fits, state.epoch)} (was {cfg.epochs})')
         set_epochs(max(fits, state.epoch))

@@ -45,6 +45,7 @@ __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'Fas
 GENERATION_STRATEGIES = ('dynamic', 'static', 'dense')
 FUSIONS = ('reweight', 'sum')
 TOKEN_MIXERS = ('dynamixer', 'permute')  # 'permute': ViP's Permute-MLP (models/vip.py), the paper's baseline
+STEMS = ('patch', 'conv', 'conv_strided')
 
 
 def _hooked(modules) -> bool:
@@ -320,21 +321,28 @@ class Stem(nn.Module):
 class ConvStem(nn.Module):
     """Overlapping 3 x 3 convolutions down to the patch grid (a deviation from the paper, for small images).
 
-    One stride-1 conv at full resolution, then stride-2 convs until the grid is 1/patch_size of the input,
-    widths doubling up to ``dim``; BatchNorm and GELU between them, the last conv linear like a patch embedding.
-    Edge pixels that do not fill a patch are dropped first, so the grid is the patch stem's.
+    With ``full_resolution`` one stride-1 conv at the input's resolution, then stride-2 convs until the grid is
+    1/patch_size of the input; without it the stride-2 convs only (the full-resolution layer is the most costly
+    per FLOP on a CPU: its BatchNorm works on the largest map). Widths double up to ``dim``; BatchNorm and GELU
+    between the convs, the last conv linear like a patch embedding. Edge pixels that do not fill a patch are
+    dropped first, so the grid is the patch stem's.
     """
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int, act_layer: Type[nn.Module] = nn.GELU):
+    def __init__(self, in_chans: int, dim: int, patch_size: int, act_layer: Type[nn.Module] = nn.GELU,
+                 full_resolution: bool = True):
         super().__init__()
         if patch_size & (patch_size - 1):
-            raise ValueError(f"stem='conv' needs a power-of-two patch_size (stride-2 convs), got {patch_size}.")
+            raise ValueError(f"a conv stem needs a power-of-two patch_size (stride-2 convs), got {patch_size}.")
         self.patch_size = patch_size
         num_down = patch_size.bit_length() - 1
-        widths = [max(dim >> (num_down - i), 16) for i in range(num_down)] if num_down else []
+        widths = [max(dim >> (num_down - i), 16) for i in range(num_down)]
+        strides = [2] * (num_down - 1)
+        if full_resolution or not num_down:
+            strides = [1] + strides
+        else:
+            widths = widths[1:]
         layers, in_dim = [], in_chans
-        for i, width in enumerate([widths[0] if widths else dim] + widths[1:]):
-            stride = 1 if i == 0 else 2
+        for width, stride in zip(widths or [dim], strides):
             layers += [nn.Conv2d(in_dim, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), act_layer()]
             in_dim = width
         layers.append(nn.Conv2d(in_dim, dim, 3, 2 if num_down else 1, 1))
@@ -402,8 +410,9 @@ class DynaMixer(nn.Module):
             network, the paper's baseline (fixed learned mixing over each line; ``num_segments`` and ``fusion``
             apply, the generation options do not).
         dynamic_img_size: accept any input size, mixing in windows of the built line length.
-        stem: 'patch' (the paper: one non-overlapping conv) or 'conv' (overlapping 3 x 3 convs with BatchNorm
-            down to the same grid; used by dynamixer_cifar_xs, not yet A/B-tested against 'patch': docs/cifar10.md).
+        stem: 'patch' (the paper: one non-overlapping conv), 'conv' (overlapping 3 x 3 convs with BatchNorm down
+            to the same grid, the first at full resolution; dynamixer_cifar_xs) or 'conv_strided' (the same without
+            the full-resolution layer, cheaper); the conv stems are deviations from the paper (docs/cifar10.md).
         fast_path: True (default) lets the modules use the fused kernels of ``fused.py`` where they may (same values
             and gradients), False always calls the plain modules, a ``FastPath`` picks kernels one by one;
             ``set_fast_path`` changes it later, for this model only.
@@ -464,10 +473,11 @@ class DynaMixer(nn.Module):
         if token_mixer == 'permute' and (dynamic_img_size or share_row_col or generation != 'dynamic'):
             raise ValueError("token_mixer='permute' (ViP) mixes with fixed layers tied to the built size: it takes "
                              "no dynamic_img_size, share_row_col or generation; drop those options.")
-        if stem not in ('patch', 'conv'):
-            raise ValueError(f"stem must be 'patch' (the paper) or 'conv' (overlapping 3x3 convs), got {stem!r}.")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be 'patch' (the paper), 'conv' or 'conv_strided' (overlapping 3x3 convs, "
+                             f"with or without a full-resolution layer), got {stem!r}.")
         self.stem = Stem(in_chans, embed_dims[0], patch_size) if stem == 'patch' else \
-            ConvStem(in_chans, embed_dims[0], patch_size, act_layer)
+            ConvStem(in_chans, embed_dims[0], patch_size, act_layer, full_resolution=stem == 'conv')
         grid = tuple(s // patch_size for s in self.img_size)
         if min(grid) < 1:
             raise ValueError(f'img_size {self.img_size} is smaller than one patch of {patch_size}; '
