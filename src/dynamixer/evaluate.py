@@ -88,6 +88,7 @@ def tta_logits(model: nn.Module, images: torch.Tensor, tta: str = 'none') -> tor
     return (with_mirror(images) + shifted) / 2
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int,
              amp_dtype: Optional[torch.dtype] = None, progress: bool = False, tta: str = 'none') -> Dict[str, Any]:
     """Sums of loss, top-1/top-5 hits and the confusion matrix over ``loader`` (not yet averaged, so that
