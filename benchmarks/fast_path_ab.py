@@ -8,7 +8,8 @@ process, steps interleaved, each arm in its own precision and compile mode.
         --arm reference --arm fast --arm 'fast:recompute_mixing=False' --arm 'fast@bf16+compile'
 
 An arm is ``fast`` or ``reference``, optionally ``:FIELD=VALUE,...`` (``FastPath`` fields, fast arms only) and
-``@PRECISION[+compile]`` (default: fp32 eager). Speed-ups are against the first arm.
+``@PRECISION[+compile][+fused]`` (default: fp32 eager; ``fused``: the fused AdamW of ``dynamixer train`` instead of
+torch's default). Speed-ups are against the first arm.
 """
 import argparse
 import ast
@@ -22,7 +23,7 @@ from dynamixer.bench import StepRunner, build_models, time_interleaved
 
 
 def parse_arm(text: str):
-    """'fast:recompute_mixing=False@bf16+compile' -> ('fast', {'recompute_mixing': False}, 'bf16', True)."""
+    """'fast:recompute_mixing=False@bf16+compile' -> ('fast', {'recompute_mixing': False}, 'bf16', True, False)."""
     text, _, mode = text.partition('@')
     impl, _, fields = text.partition(':')
     if impl not in ('fast', 'reference'):
@@ -31,8 +32,10 @@ def parse_arm(text: str):
     for item in filter(None, fields.split(',')):
         key, _, value = item.partition('=')
         options[key.strip()] = ast.literal_eval(value.strip())
-    precision, _, compiled = (mode or 'fp32').partition('+')
-    return impl, options, precision, compiled == 'compile'
+    precision, *flags = (mode or 'fp32').split('+')
+    if set(flags) - {'compile', 'fused'}:
+        raise SystemExit(f'after @PRECISION come +compile and/or +fused, got {mode!r}')
+    return impl, options, precision, 'compile' in flags, 'fused' in flags
 
 
 def main() -> None:
@@ -53,11 +56,11 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     runners = {}
     for arm in arms:
-        impl, options, precision, compiled = parse_arm(arm)
+        impl, options, precision, compiled, fused = parse_arm(arm)
         model = copy.deepcopy(models[impl])
         if options:
             model.set_fast_path(**options)
-        runners[arm] = StepRunner(model, args.mode, x, precision, compile=compiled)
+        runners[arm] = StepRunner(model, args.mode, x, precision, compile=compiled, fused_optimizer=fused)
     times = time_interleaved(runners, args.warmup, args.iters)
     medians = {arm: statistics.median(t) for arm, t in times.items()}
     print(f'{args.model} {args.mode} b{args.batch_size} {args.img_size}px cpu, {args.threads} threads, '

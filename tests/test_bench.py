@@ -171,3 +171,26 @@ def test_the_input_size_defaults_to_the_models_own(tmp_path):
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / 'r.json').read_text())
     assert rc == 0 and list(result['config']['img_size']) == [32, 32]  # not the 224 of the paper's variants
+
+
+def test_recipe_against_plain_times_each_side_with_its_own_optimiser(monkeypatch):
+    """--baseline-fp32-eager: the reference trains in fp32 eager with torch's default AdamW, the fast model in the
+    asked precision with the fused AdamW of dynamixer train; without it both use the default."""
+    made = {}
+
+    class Recording(bench.StepRunner):
+        def __init__(self, model, mode, x, precision, compile, fused_optimizer=False):
+            super().__init__(model, mode, x, precision, compile, fused_optimizer)
+            made[model.fast_path.enabled] = (precision, bool(self.optimizer.defaults.get('fused')))
+    monkeypatch.setattr(bench, 'StepRunner', Recording)
+    threads = torch.get_num_threads()
+    try:
+        for baseline, expected in ((True, {True: ('bf16', True), False: ('fp32', False)}),
+                                   (False, {True: ('bf16', False), False: ('bf16', False)})):
+            made.clear()
+            result = bench.benchmark('dynamixer_cifar_t', batch_size=2, img_size=32, precision='bf16', warmup=0,
+                                     iters=1, threads=1, modes=('train',), memory=False, model_args=TINY,
+                                     baseline_fp32_eager=baseline)
+            assert made == expected and result['train']['speedup'] > 0
+    finally:
+        torch.set_num_threads(threads)

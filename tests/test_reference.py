@@ -129,6 +129,37 @@ def test_compile_fullgraph_matches_reference():
     compiled(x.requires_grad_()).sum().backward()
 
 
+@pytest.mark.parametrize('size,kwargs', [((6, 6), {}), ((6, 4), {}), ((6, 6), dict(generation='static')),
+                                         ((6, 6), dict(generation='dense')), ((6, 6), dict(share_row_col=True)),
+                                         ((4, 6), dict(fusion='sum'))])
+def test_compiled_mixing_matches_reference(size, kwargs, monkeypatch):
+    """Under torch.compile on CPU the branches run as plain ops (``_compiler_branches``): the token mixer's
+    outputs and gradients are the plain modules', in every generation strategy, with shared ops, either fusion
+    and on non-square maps."""
+    from dynamixer.models import fused
+    taken = []
+    compiler_branches = fused._compiler_branches
+    monkeypatch.setattr(fused, '_compiler_branches', lambda *a: taken.append(1) or compiler_branches(*a))
+    torch._dynamo.reset()  # each case compiles afresh (dynamo caps recompilations of one function)
+    torch.manual_seed(0)
+    mixer = DynaMixerTokenMixer(24, size, num_segments=4, reduced_dim=2, **kwargs)
+    ref = reference_model(mixer)
+    x = torch.randn(3, *size, 24)
+    compiled = torch.compile(mixer, fullgraph=True, backend='aot_eager')  # dynamo traces, autograd differentiates
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = compiled(xa), ref(xb)
+    assert taken
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(out, expected) <= 1e-5
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert rel(xa.grad, xb.grad) <= 1e-5
+    ref_params = dict(ref.named_parameters())
+    for name, p in mixer.named_parameters():
+        assert rel(p.grad, ref_params[name].grad) <= 1e-5, name
+
+
 def bf16_errors(model, x):
     """Relative errors (outputs in eval, parameter gradients in train) of the fast model and of its reference
     under bf16 autocast, both against the reference in fp32."""

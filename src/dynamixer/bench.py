@@ -134,15 +134,20 @@ def build_models(name: str, img_size: int, model_args: Dict[str, Any], device: t
 class StepRunner:
     """One implementation's inference or training step, optionally compiled."""
 
-    def __init__(self, model: torch.nn.Module, mode: str, x: torch.Tensor, precision: str, compile: bool):
+    def __init__(self, model: torch.nn.Module, mode: str, x: torch.Tensor, precision: str, compile: bool,
+                 fused_optimizer: bool = False):
         self.model, self.mode, self.x, self.precision = model, mode, x, precision
         self.device = x.device
         self.fn = torch.compile(model) if compile else model
         self.optimizer = None
         self.scaler = None
+        self.set_to_none = True  # torch's default and dynamixer train's; the memory measurement keeps gradients
         if mode == 'train':
             model.train()
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            # fused: all parameters updated in one kernel, as dynamixer train does; otherwise torch's default
+            # (on CPU a loop over the parameters)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({'fused': True} if fused_optimizer
+                                                                                 else {}))
             if precision == 'fp16' and self.device.type == 'cuda':
                 self.scaler = torch.amp.GradScaler('cuda')
         else:
@@ -161,7 +166,7 @@ class StepRunner:
             with torch.inference_mode(), _autocast(self.device, self.precision):
                 self.fn(self.x)
         else:
-            self.optimizer.zero_grad(set_to_none=False)
+            self.optimizer.zero_grad(set_to_none=self.set_to_none)
             with _autocast(self.device, self.precision):
                 loss = self.fn(self.x).float().logsumexp(-1).mean()
             if self.scaler is not None:
@@ -251,8 +256,10 @@ def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
                           cfg.get('fast_path'))
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
-    runner = StepRunner(model, cfg['mode'], x, cfg['precision'], compile=cfg['compile'])
+    runner = StepRunner(model, cfg['mode'], x, cfg['precision'], compile=cfg['compile'],
+                        fused_optimizer=cfg.get('fused_optimizer', False))
     runner.prepare_state()
+    runner.set_to_none = False  # the gradients stay allocated: the step's peak is activations and temporaries
     if cfg['compile']:  # compile outside the measured step
         runner.step()
     if device.type == 'cuda':
@@ -306,8 +313,9 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
     (``FastPath``, nothing global) follows the flags: ``recompute_mixing`` (None: the default), ``slicing=False``
     runs CPU inference batches whole, ``fusion=False`` drops the fused oneDNN linears of CPU inference,
     ``onednn=False`` the oneDNN linears of CPU fp32, ``triton=False`` the Triton mixing kernel on CUDA.
-    ``baseline_fp32_eager`` runs the reference in fp32 eager whatever ``precision`` and ``compile`` say, so that
-    the speed-up is that of a whole recipe (e.g. bf16 + compile) over the plain model."""
+    ``baseline_fp32_eager`` runs the reference in fp32 eager with torch's default AdamW whatever ``precision``
+    and ``compile`` say, and the fast model with the fused AdamW of ``dynamixer train``, so that the speed-up is
+    that of a whole recipe's training step (e.g. bf16 + compile) over the plain model's."""
     from dynamixer.models import triton_mix
     options = fast_path_options(recompute_mixing, slicing, fusion, triton, onednn)
     if precision not in PRECISIONS:
@@ -333,8 +341,10 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
     img_size = img_size or list(fast.img_size)
     input_size = (3, *_pair(img_size))
 
-    def setting(impl: str):  # (precision, compile) of one implementation
-        return ('fp32', False) if baseline_fp32_eager and impl == 'reference' else (precision, compile)
+    def setting(impl: str):  # (precision, compile, fused optimizer) of one implementation
+        if baseline_fp32_eager:
+            return ('fp32', False, False) if impl == 'reference' else (precision, compile, True)
+        return precision, compile, False
     macs = count_macs(fast, input_size)
     result = {
         'machine': machine_info(dev),
@@ -374,7 +384,8 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
                 _log(f'{label} peak memory {impl}', quiet)
                 mem = peak_memory(dict(model=model, img_size=img_size, model_args=model_args, device=device,
                                        impl=impl, batch_size=batch, mode=mode, precision=setting(impl)[0],
-                                       compile=setting(impl)[1], threads=torch.get_num_threads(), seed=seed,
+                                       compile=setting(impl)[1], fused_optimizer=setting(impl)[2],
+                                       threads=torch.get_num_threads(), seed=seed,
                                        fast_path=options))
                 entry[impl]['peak_memory_mb'] = mem['peak_bytes'] / 2 ** 20
                 entry['memory_method'] = mem['method']
@@ -430,6 +441,8 @@ def resolution_sweep(model: str = 'dynamixer_s', sizes: Sequence[int] = (160, 22
 
 def format_table(result: Dict[str, Any]) -> str:
     cfg, machine = result['config'], result['machine']
+    baseline = ('; the reference in fp32 eager with torch\'s default AdamW, the fast model with dynamixer train\'s '
+                'fused AdamW' if cfg.get('baseline_fp32_eager') else '')
     lines = [f"{cfg['model']} {cfg['img_size']}px {cfg['precision']} {cfg['device']} "
              f"{'compiled' if cfg['compile'] else 'eager'}, {machine['threads']} threads, torch {machine['torch']}"
              f"{', mixing matrices kept for backward' if cfg.get('recompute_mixing') is False else ''}"
@@ -437,7 +450,7 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{', no fused linears' if cfg.get('cpu_fused_inference') is False else ''}"
              f"{', no oneDNN linears' if cfg.get('onednn_linears') is False else ''}"
              f"{', no Triton kernel' if cfg.get('triton_mix') is False and cfg['device'].startswith('cuda') else ''}"
-             f"{'; the reference in fp32 eager' if cfg.get('baseline_fp32_eager') else ''}",
+             f"{baseline}",
              f"{machine['cpu']}; params {result['params']:,}; {result['gmacs']:.3f} GMACs/img; "
              f"matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s"]
     if 'graph_breaks' in result:

@@ -202,8 +202,10 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help='on CUDA, mix with torch ops instead of the fast path\'s Triton kernel '
                              '(triton=False)')
     parser.add_argument('--baseline-fp32-eager', action='store_true',
-                        help='run the reference in fp32 eager whatever --precision and --compile say: the speed-up '
-                             'of a whole training recipe (e.g. --precision bf16 --compile) over the plain model')
+                        help='run the reference in fp32 eager with torch\'s default AdamW whatever --precision and '
+                             '--compile say, and the fast model with the fused AdamW that dynamixer train uses: the '
+                             'speed-up of a whole training recipe (e.g. --precision bf16 --compile) over the plain '
+                             'model')
     parser.add_argument('--seed', type=number(int, at_least=0), default=0)
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--output', default=None, help='also write the JSON to this file')

@@ -31,6 +31,7 @@ class FastPath:
     recompute_mixing: bool = True  # backward regenerates the mixing matrices instead of keeping them (memory)
     inference_slice_bytes: int = 24 << 20  # CPU inference in batch slices whose temporaries stay below this; 0: off
     triton: bool = True  # CUDA: the Triton kernels for the mixing matmul and its backward
+    compiler_mixing_max_len: int = 8  # CPU under torch.compile: lines up to this long mixed as plain ops; 0: off
 
 
 def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
@@ -477,15 +478,61 @@ def branch_mixing(mixer, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.T
     return softmax_mixing(*generator_inputs(mixer, x, branches))
 
 
+def _compiler_mixing(op, z: Optional[torch.Tensor], columns: bool) -> torch.Tensor:
+    """Mixing matrices ``(B, L1, S, N_out, N_in)`` of one branch from the compressed map ``z``
+    ``(B, H, W, S, d)``, as plain ops; static generation: ``(1, 1, S, N, N)``, to broadcast."""
+    if op.compress is None:
+        return softmax(op.logits)[None, None]
+    lines = z.permute(0, 2, 3, 1, 4) if columns else z.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
+    N = lines.shape[3]
+    if op.generation == 'dynamic':  # each segment's line flattened token-major
+        lines = lines.flatten(-2)
+    logits = torch.nn.functional.linear(lines, op.generate.weight, op.generate.bias)
+    return softmax(logits.view(*lines.shape[:3], N, N))
+
+
+def _compiler_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_fused_branches` written for the compiler: plain differentiable ops (no autograd Function, so it
+    partitions and fuses the backward too), and the mixing of N-token lines as a broadcast product summed over
+    N: for the 4- and 8-token lines of the CIFAR models on CPU the compiler's fused loops beat a batched matmul
+    of N x N matrices, and both branches come out in the map's own (B, H, W, C) order without segment-major
+    copies (docs/cifar10.md, Speed)."""
+    B, H, W, C = x.shape
+    row, col = mixer.row_mix, mixer.column_op
+    S = row.num_segments
+    z_row = z_col = None
+    if row.compress is not None:
+        if col is row:
+            z_row = torch.nn.functional.linear(x, row.compress.weight, row.compress.bias).unflatten(-1, (S, -1))
+            z_col = z_row
+        else:
+            weight = torch.cat([row.compress.weight, col.compress.weight])
+            bias = torch.cat([row.compress.bias, col.compress.bias])
+            z_row, z_col = torch.nn.functional.linear(x, weight, bias).unflatten(-1, (2, S, -1)).unbind(-3)
+    mix_row, xs = _as_autocast(_compiler_mixing(row, z_row, False), x)
+    mix_col, _ = _as_autocast(_compiler_mixing(col, z_col, True), x)
+    xs = xs.unflatten(-1, (S, -1))  # (B, H, W, S, c)
+    # rows: y[b, h, j, s] = sum_i P[b, h, s, j, i] x[b, h, i, s]; columns: y[b, j, w, s] = sum_i P[b, w, s, j, i]
+    # x[b, i, w, s] (each a vector of the segment's c channels)
+    rows = (mix_row.permute(0, 1, 3, 4, 2).unsqueeze(-1) * xs.unsqueeze(2)).sum(3).flatten(-2)
+    cols = (mix_col.permute(0, 3, 4, 1, 2).unsqueeze(-1) * xs.unsqueeze(1)).sum(2).flatten(-2)
+    rows = torch.nn.functional.linear(rows, row.proj.weight)
+    cols = torch.nn.functional.linear(cols, col.proj.weight)
+    return rows, cols.transpose(1, 2), row.proj.bias, col.proj.bias
+
+
 def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                                     Optional[torch.Tensor]]:
-    """Row branch ``(B, H, W, C)``, column branch ``(B, W, H, C)`` (both contiguous) and the biases of their
-    projections when these are still to be added (``None`` when already in)."""
+    """Row branch ``(B, H, W, C)``, column branch ``(B, W, H, C)`` and the biases of their projections when
+    these are still to be added (``None`` when already in)."""
     B, H, W, C = x.shape
     row, col = mixer.row_mix, mixer.column_op
     if W != row.seq_len or H != col.seq_len:  # windows of the built line length: the ops one by one
         rows, cols = mixer.line_branches(x)
         return rows, cols.transpose(1, 2), None, None
+    if (x.device.type == 'cpu' and max(H, W) <= mixer.fast_path.compiler_mixing_max_len
+            and torch.compiler.is_compiling()):
+        return _compiler_branches(mixer, x)
     groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
     outs = []
     for branches in groups:
