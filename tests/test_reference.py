@@ -133,9 +133,9 @@ def test_compile_fullgraph_matches_reference():
                                          ((6, 6), dict(generation='dense')), ((6, 6), dict(share_row_col=True)),
                                          ((4, 6), dict(fusion='sum'))])
 def test_compiled_mixing_matches_reference(size, kwargs, monkeypatch):
-    """Under torch.compile on CPU the branches run as plain ops (``_compiler_branches``): the token mixer's
-    outputs and gradients are the plain modules', in every generation strategy, with shared ops, either fusion
-    and on non-square maps."""
+    """Training under torch.compile on CPU runs the branches as plain ops (``_compiler_branches``): the token
+    mixer's outputs and gradients are the plain modules', in every generation strategy, with shared ops, either
+    fusion and on non-square maps."""
     from dynamixer.models import fused
     taken = []
     compiler_branches = fused._compiler_branches
@@ -158,6 +158,10 @@ def test_compiled_mixing_matches_reference(size, kwargs, monkeypatch):
     ref_params = dict(ref.named_parameters())
     for name, p in mixer.named_parameters():
         assert rel(p.grad, ref_params[name].grad) <= 1e-5, name
+    taken.clear()
+    with torch.no_grad():  # inference keeps the batched matmul (faster there)
+        assert rel(compiled(x), ref(x)) <= 1e-5
+    assert not taken
 
 
 def bf16_errors(model, x):

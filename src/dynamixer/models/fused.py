@@ -31,7 +31,7 @@ class FastPath:
     recompute_mixing: bool = True  # backward regenerates the mixing matrices instead of keeping them (memory)
     inference_slice_bytes: int = 24 << 20  # CPU inference in batch slices whose temporaries stay below this; 0: off
     triton: bool = True  # CUDA: the Triton kernels for the mixing matmul and its backward
-    compiler_mixing_max_len: int = 8  # CPU under torch.compile: lines up to this long mixed as plain ops; 0: off
+    compiler_mixing_max_len: int = 8  # CPU training under torch.compile: lines up to this long mixed as plain ops
 
 
 def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
@@ -492,11 +492,12 @@ def _compiler_mixing(op, z: Optional[torch.Tensor], columns: bool) -> torch.Tens
 
 
 def _compiler_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_fused_branches` written for the compiler: plain differentiable ops (no autograd Function, so it
-    partitions and fuses the backward too), and the mixing of N-token lines as a broadcast product summed over
-    N: for the 4- and 8-token lines of the CIFAR models on CPU the compiler's fused loops beat a batched matmul
-    of N x N matrices, and both branches come out in the map's own (B, H, W, C) order without segment-major
-    copies (docs/cifar10.md, Speed)."""
+    """:func:`_fused_branches` written for the compiler, for training: plain differentiable ops (no autograd
+    Function, so it partitions and fuses the backward too), and the mixing of N-token lines as a broadcast
+    product summed over N, whose gradients come out in the map's own (B, H, W, C) order without segment-major
+    copies. For the 4- and 8-token lines of the CIFAR models on CPU a training step is faster so; inference is
+    not (the forward's product loops are slower than the batched matmul), so it keeps the matmul
+    (docs/benchmarks.md, "Why the fast path's defaults")."""
     B, H, W, C = x.shape
     row, col = mixer.row_mix, mixer.column_op
     S = row.num_segments
@@ -531,7 +532,7 @@ def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
         rows, cols = mixer.line_branches(x)
         return rows, cols.transpose(1, 2), None, None
     if (x.device.type == 'cpu' and max(H, W) <= mixer.fast_path.compiler_mixing_max_len
-            and torch.compiler.is_compiling()):
+            and torch.is_grad_enabled() and torch.compiler.is_compiling()):
         return _compiler_branches(mixer, x)
     groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
     outs = []
