@@ -209,3 +209,25 @@ def test_every_run_needs_the_same_budget(folder, tmp_path):
     bad_peer = grid(folder, variants={'mixer': dict(PEER, embed_dimz=3)})
     with pytest.raises(ValueError, match="variant 'mixer' does not build"):
         ablate.expand_grid(bad_peer)
+
+
+def test_tables_show_the_runs_tta_and_keep_their_columns(tmp_path):
+    """Runs that measured a last-epoch TTA get their own column (mean, min-max over seeds); without any, no
+    column; every row of the Markdown table has as many cells as its header."""
+    _, base, variants = ablate.expand_grid(dict(model='dynamixer_cifar_t', base=dict(BASE), seeds=[0, 1],
+                                                variants={'static': {'generation': 'static'}}))
+    run = dict(status='trained', best_top1=60., final_top5=99., final_val_loss=1., img_per_sec=10., epochs=3)
+    results = [dict(run, variant='base', seed=0, final_top1=50., final_top1_tta=52.),
+               dict(run, variant='base', seed=1, final_top1=54., final_top1_tta=58.),
+               dict(run, variant='static', seed=0, final_top1=40., final_top1_tta=None)]
+    for with_tta in (True, False):
+        rows = results if with_tta else [dict(r, final_top1_tta=None) for r in results]
+        table = ablate.summarise(variants, rows, num_classes=10)
+        ablate.write_results(tmp_path, 'dynamixer_cifar_t', base, {}, table, rows)
+        lines = [line for line in (tmp_path / 'results.md').read_text().splitlines() if line.startswith('|')]
+        assert len({line.count('|') for line in lines}) == 1 and len(lines) == 4  # header, rule, two variants
+        assert ('final val top-1 with TTA' in lines[0]) == with_tta
+        if with_tta:
+            assert '| 55.00 ± 4.24 (52.00–58.00) |' in lines[2]  # base: 52 and 58
+            assert lines[3].count('n/a') == 1  # static measured no TTA
+        assert '| 52.00 ± 2.83 (50.00–54.00) |' in lines[2]

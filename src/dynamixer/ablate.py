@@ -305,6 +305,7 @@ def _summarise_run(run_dir: Path) -> Dict[str, Any]:
     config = Path(run_dir) / 'model' / 'config.json'
     num_classes = json.loads(config.read_text()).get('num_classes') if config.is_file() else None
     return dict(best_top1=max(r['val_top1'] for r in rows), final_top1=rows[-1]['val_top1'],
+                final_top1_tta=rows[-1].get('val_top1_tta'),  # the recipe's last-epoch TTA, where it ran
                 final_top5=rows[-1].get('val_top5'), final_val_loss=rows[-1].get('val_loss'),
                 img_per_sec=statistics.mean(speeds) if speeds else float('nan'), epochs=len(rows),
                 wall_min=rows[-1].get('wall_min'), num_classes=num_classes)
@@ -448,6 +449,7 @@ def summarise(variants: List[Dict[str, Any]], results: List[Dict[str, Any]], num
         done = [r for r in results if r['variant'] == v['name'] and r['status'] not in ('failed', 'missing')]
         params, gmacs = count_params_macs(v, num_classes)
         best, final = _stats([r['best_top1'] for r in done]), _stats([r['final_top1'] for r in done])
+        with_tta = [r['final_top1_tta'] for r in done if r.get('final_top1_tta') is not None]
         speed = _stats([r['img_per_sec'] for r in done if not math.isnan(r['img_per_sec'])])
         table.append(dict(
             variant=v['name'], overrides=json.dumps(v['overrides'], sort_keys=True) if v['overrides'] else '',
@@ -455,15 +457,16 @@ def summarise(variants: List[Dict[str, Any]], results: List[Dict[str, Any]], num
             img_per_sec=speed['mean'],
             train_img_per_sec_controlled=(speeds or {}).get(v['name'], {}).get('train', float('nan')),
             inference_img_per_sec_controlled=(speeds or {}).get(v['name'], {}).get('inference', float('nan')),
-            **{f'best_top1_{k}': x for k, x in best.items()}, **{f'final_top1_{k}': x for k, x in final.items()}))
+            **{f'best_top1_{k}': x for k, x in best.items()}, **{f'final_top1_{k}': x for k, x in final.items()},
+            tta_runs=len(with_tta), **{f'final_tta_top1_{k}': x for k, x in _stats(with_tta).items()}))
     return table
 
 
-def _fmt_acc(row: Dict[str, Any], which: str) -> str:
-    if not row['runs']:
+def _fmt_acc(row: Dict[str, Any], which: str, runs: str = 'runs') -> str:
+    if not row[runs]:
         return 'n/a'
     mean = row[f'{which}_top1_mean']
-    if row['runs'] == 1:
+    if row[runs] == 1:
         return f'{mean:.2f}'
     return (f'{mean:.2f} ± {row[f"{which}_top1_std"]:.2f} '
             f'({row[f"{which}_top1_min"]:.2f}–{row[f"{which}_top1_max"]:.2f})')
@@ -477,7 +480,8 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
         writer.writeheader()
         for row in table:
             writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
-    run_fields = ['variant', 'seed', 'status', 'best_top1', 'final_top1', 'final_top5', 'final_val_loss',
+    run_fields = ['variant', 'seed', 'status', 'best_top1', 'final_top1', 'final_top1_tta', 'final_top5',
+                  'final_val_loss',
                   'img_per_sec', 'epochs', 'wall_min', 'seconds', 'run_dir']
     with open(out / 'runs.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=run_fields, extrasaction='ignore')
@@ -497,11 +501,16 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
     if controlled:
         lines[-1] += (' Controlled: training and inference images/s measured in one process, every variant\'s '
                       'steps interleaved, and the training rate relative to the first variant.')
+    tta = any(row['tta_runs'] for row in table)
+    if tta:
+        lines[-1] += (' With TTA: the last epoch\'s top-1 with the test-time augmentation the runs measured (e.g. '
+                      'the cifar recipe\'s flip-shift).')
     head = '| variant | overrides | seeds | params | GMACs | img/s in runs |'
     if controlled:
         head += ' controlled train img/s | relative | controlled inference img/s |'
-    lines += ['', head + ' final val top-1 | best val top-1 |',
-              '|---|---|---|' + '---:|' * (head.count('|') - 2) + '---:|---:|']
+    accuracy = ' final val top-1 |' + (' final val top-1 with TTA |' if tta else '') + ' best val top-1 |'
+    columns = (head + accuracy).count('|') - 1
+    lines += ['', head + accuracy, '|---|---|---|' + '---:|' * (columns - 3)]
     base_speed = table[0]['train_img_per_sec_controlled']
     for row in table:
         overrides = ', '.join(f'{k}={v}' for k, v in json.loads(row['overrides']).items()) if row['overrides'] else '—'
@@ -511,7 +520,8 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
             train_speed = row['train_img_per_sec_controlled']
             line += (f' {train_speed:.0f} | {train_speed / base_speed:.2f}x | '
                      f'{row["inference_img_per_sec_controlled"]:.0f} |')
-        lines.append(line + f' {_fmt_acc(row, "final")} | {_fmt_acc(row, "best")} |')
+        line += f' {_fmt_acc(row, "final")} |' + (f' {_fmt_acc(row, "final_tta", "tta_runs")} |' if tta else '')
+        lines.append(line + f' {_fmt_acc(row, "best")} |')
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
     plot(out / 'accuracy.png', table,
          title=f'{model} ablation: final val top-1 (bars: min-max over seeds; dashed line and band: base)')
