@@ -136,6 +136,8 @@ def test_flags_make_a_grid(folder, tmp_path, capsys):
     assert code == 0
     assert '3 variants, 6 runs of 1 epochs' in out
     assert out.count('dynamixer.cli train') == 6 and 'runs/d=1/seed1' in out and 'runs/sum/seed0' in out
+    order = [line.split('/runs/')[1].split()[0] for line in out.splitlines() if 'dynamixer.cli train' in line]
+    assert order == ['base/seed0', 'd=1/seed0', 'sum/seed0', 'base/seed1', 'd=1/seed1', 'sum/seed1']
     assert not (tmp_path / 'out').exists()
 
 

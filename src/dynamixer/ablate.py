@@ -13,7 +13,8 @@ Every run gets the same budget: ``epochs``, or a wall-clock ``time_budget`` in m
 60; a run then plans its own epochs and is finished when it has run the epochs it planned).
 
 Every (variant, seed) is an ordinary ``dynamixer train`` run in ``OUTPUT/runs/<variant>/seed<k>`` (its own
-metrics.jsonl and model/, so it can be inspected, visualised or resumed). Finished runs are reused, unfinished
+metrics.jsonl and model/, so it can be inspected, visualised or resumed), run seed by seed: every variant's first
+seed, then every variant's second. Finished runs are reused, unfinished
 ones resumed. The results go to ``OUTPUT/results.md``, ``results.csv`` (one row per variant: params, GMACs,
 train img/s, best and final val top-1 with mean, std and min-max over seeds), ``runs.csv`` (one row per run)
 and ``accuracy.png`` (best val top-1 against params and against GMACs).
@@ -348,7 +349,10 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
         if key in train:
             raise ValueError(f'train: {key} is set by the ablation runner per run; remove it from the grid.')
     out = Path(output)
-    runs = [(v, seed) for v in variants for seed in v['seeds']]
+    # Round by round, every variant's k-th seed before any (k+1)-th: a grid filled over several sittings
+    # compares all its variants early, on one seed, instead of some variants on all seeds.
+    rounds = max(len(v['seeds']) for v in variants)
+    runs = [(v, v['seeds'][k]) for k in range(rounds) for v in variants if k < len(v['seeds'])]
     budget = f'{minutes:g} minutes' if minutes else f'{epochs} epochs'
     log(f'{model}: {len(variants)} variants, {len(runs)} runs of {budget} -> {out}')
     if dry_run:
