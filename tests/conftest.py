@@ -46,6 +46,22 @@ def train_args(output: Path, *extra: str) -> List[str]:
     return ['train', '--output', str(output), '--no-progress', '--workers', '0', *TINY_MODEL, *extra]
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _cpu_kernels_built_once(tmp_path_factory):
+    """The CPU mixing kernels are built once for the session, in its own temporary folder, before any test runs
+    (a training subprocess would otherwise spend its time budget building them)."""
+    import os
+    from dynamixer.models import cpu_mix
+    before = os.environ.get('TORCH_EXTENSIONS_DIR')
+    os.environ['TORCH_EXTENSIONS_DIR'] = str(tmp_path_factory.getbasetemp() / 'torch_extensions')
+    cpu_mix.available()
+    yield
+    if before is None:
+        del os.environ['TORCH_EXTENSIONS_DIR']
+    else:
+        os.environ['TORCH_EXTENSIONS_DIR'] = before
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     """Decoded-image caches of the tests go to a temporary folder, never to the user's ~/.cache."""

@@ -60,24 +60,27 @@ def test_cifar_variants(name):
 @pytest.mark.parametrize('generation', ['dynamic', 'static', 'dense'])
 @pytest.mark.parametrize('share_row_col', [False, True])
 @pytest.mark.parametrize('fusion', ['reweight', 'sum'])
-def test_strategies_sharing_fusion(generation, share_row_col, fusion):
+@pytest.mark.parametrize('cpu_kernels', [False, True])
+def test_strategies_sharing_fusion(generation, share_row_col, fusion, cpu_kernels):
     torch.manual_seed(0)
     model = timm.create_model('dynamixer_cifar_t', generation=generation, share_row_col=share_row_col,
                               fusion=fusion, reduced_dims=3, **TINY)
-    _compare(model, torch.randn(2, 3, 32, 32))
+    _compare(model.set_fast_path(cpu_kernels=cpu_kernels), torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize('generation', ['dynamic', 'static'])
 @pytest.mark.parametrize('keep', [False, True])
 @pytest.mark.parametrize('onednn', [False, True])
-def test_backward_with_and_without_kept_tokens_and_onednn(monkeypatch, generation, keep, onednn):
-    """Both backward variants of the fused mixing (mixed tokens kept, as on CPU, or recomputed, as on CUDA) and
-    of the input gradient (oneDNN or torch's bmm), whichever the test machine would pick."""
+@pytest.mark.parametrize('cpu_kernels', [False, True])
+def test_backward_with_and_without_kept_tokens_and_onednn(monkeypatch, generation, keep, onednn, cpu_kernels):
+    """Both backward variants of the fused mixing (mixed tokens kept, as on CPU, or recomputed, as on CUDA), of
+    the input gradient (oneDNN or torch's bmm) and of the mixing (C++ kernels or torch's ops)."""
     from dynamixer.models import fused
     monkeypatch.setattr(fused, '_keep_mixed_tokens', lambda x: keep)
     torch.manual_seed(0)
     model = timm.create_model('dynamixer_cifar_t', generation=generation, **TINY)
-    _compare(model.set_fast_path(onednn_linears=onednn, onednn_min_macs=0), torch.randn(2, 3, 32, 32))
+    model.set_fast_path(onednn_linears=onednn, onednn_min_macs=0, cpu_kernels=cpu_kernels)
+    _compare(model, torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize('img_size', [(48, 48), (40, 24), (24, 56)])
@@ -129,26 +132,32 @@ def test_compile_fullgraph_matches_reference():
     compiled(x.requires_grad_()).sum().backward()
 
 
+@pytest.mark.parametrize('kernels', [False, True])
 @pytest.mark.parametrize('size,kwargs', [((6, 6), {}), ((6, 4), {}), ((6, 6), dict(generation='static')),
                                          ((6, 6), dict(generation='dense')), ((6, 6), dict(share_row_col=True)),
                                          ((4, 6), dict(fusion='sum'))])
-def test_compiled_mixing_matches_reference(size, kwargs, monkeypatch):
-    """Training under torch.compile on CPU runs the branches as plain ops (``_compiler_branches``): the token
-    mixer's outputs and gradients are the plain modules', in every generation strategy, with shared ops, either
-    fusion and on non-square maps."""
-    from dynamixer.models import fused
-    taken = []
-    compiler_branches = fused._compiler_branches
+def test_compiled_mixing_matches_reference(size, kwargs, kernels, monkeypatch):
+    """Under torch.compile on CPU the branches run as plain ops around the mixing (``_compiler_branches``): the
+    token mixer's outputs and gradients are the plain modules', in every generation strategy, with shared ops,
+    either fusion and on non-square maps. The mixing is the C++ kernel where allowed (training and inference),
+    otherwise a broadcast product in training and the batched matmul in inference."""
+    from dynamixer.models import cpu_mix, fused
+    if kernels and not cpu_mix.available():
+        pytest.fail('the CPU kernels did not build here (a C++ compiler is needed, as for torch.compile)')
+    taken, mixed = [], []
+    compiler_branches, mix_lines = fused._compiler_branches, cpu_mix.mix_lines
     monkeypatch.setattr(fused, '_compiler_branches', lambda *a: taken.append(1) or compiler_branches(*a))
+    monkeypatch.setattr(cpu_mix, 'mix_lines', lambda *a, **k: mixed.append(1) or mix_lines(*a, **k))
     torch._dynamo.reset()  # each case compiles afresh (dynamo caps recompilations of one function)
     torch.manual_seed(0)
     mixer = DynaMixerTokenMixer(24, size, num_segments=4, reduced_dim=2, **kwargs)
+    mixer.fast_path.cpu_kernels = kernels
     ref = reference_model(mixer)
     x = torch.randn(3, *size, 24)
     compiled = torch.compile(mixer, fullgraph=True, backend='aot_eager')  # dynamo traces, autograd differentiates
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, expected = compiled(xa), ref(xb)
-    assert taken
+    assert taken and bool(mixed) == kernels
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
     assert rel(out, expected) <= 1e-5
     weights = torch.randn_like(out)
@@ -159,9 +168,9 @@ def test_compiled_mixing_matches_reference(size, kwargs, monkeypatch):
     for name, p in mixer.named_parameters():
         assert rel(p.grad, ref_params[name].grad) <= 1e-5, name
     taken.clear()
-    with torch.no_grad():  # inference keeps the batched matmul (faster there)
+    with torch.no_grad():  # inference: the kernel, or else the batched matmul (faster there than the product)
         assert rel(compiled(x), ref(x)) <= 1e-5
-    assert not taken
+    assert bool(taken) == kernels
 
 
 def bf16_errors(model, x):

@@ -32,11 +32,12 @@ CHECK = textwrap.dedent('''
             weight = torch.randn(len(branches), C, C) / C ** 0.5
             results = []
             for enabled in (True, False):  # the Triton kernels, then torch's ops
-                results.append((fused._mixed_tokens(mix, x, branches, enabled),
+                kernels = (enabled, False)
+                results.append((fused._mixed_tokens(mix, x, branches, kernels),
                                 *fused._mix_project_backward(grad, mix, x, weight, branches, True, True, False,
-                                                             None, enabled)[:2],
+                                                             None, kernels)[:2],
                                 fused._mix_project_backward(grad, mix, x, weight, branches, False, True, False,
-                                                            None, enabled)[1]))
+                                                            None, kernels)[1]))
             for out, expected in zip(*results):
                 assert out.shape == expected.shape, (out.shape, expected.shape)
                 assert (out - expected).abs().max().item() < 1e-4 * max(1, expected.abs().max().item())

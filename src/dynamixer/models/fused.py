@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from dynamixer.models import triton_mix
+from dynamixer.models import cpu_mix, triton_mix
 
 _AUTOCAST_DEVICES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu')
 
@@ -31,6 +31,7 @@ class FastPath:
     recompute_mixing: bool = True  # backward regenerates the mixing matrices instead of keeping them (memory)
     inference_slice_bytes: int = 24 << 20  # CPU inference in batch slices whose temporaries stay below this; 0: off
     triton: bool = True  # CUDA: the Triton kernels for the mixing matmul and its backward
+    cpu_kernels: bool = True  # CPU: the C++ kernels for the mixing and its backward (cpu_mix), where they build
     compiler_mixing_max_len: int = 8  # CPU training under torch.compile: lines up to this long mixed as plain ops
 
 
@@ -249,16 +250,36 @@ def _as_autocast(mix: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torc
     return (mix, x) if dtype is None else (mix.to(dtype), x.to(dtype))
 
 
-def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...], triton: bool) -> torch.Tensor:
+# which hand-written mixing kernels may run (each still checks its inputs): (Triton, C++ on CPU)
+Kernels = Tuple[bool, bool]
+
+
+def _kernels(fast: FastPath) -> Kernels:
+    return fast.triton, fast.cpu_kernels
+
+
+def _as_map(y: torch.Tensor, shape: torch.Size, columns: bool) -> torch.Tensor:
+    """A branch's line-major ``(B * L1 * N, C)`` matrix seen as the ``(B, H, W, C)`` map it holds (a view)."""
+    B, H, W, C = shape
+    return y.view(B, W, H, C).transpose(1, 2) if columns else y.view(B, H, W, C)
+
+
+def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...], kernels: Kernels) -> torch.Tensor:
     """Mixed tokens of every branch as one matrix per branch, ``(K, B * L1 * N, C)``, line-major.
 
     ``mix`` is ``(K, B, L1, S, N, N)``; all branches run as one batched matmul, and one copy brings the
-    segments back together (row branch: (B, H, W) token order; column branch: (B, W, H)). On CUDA a Triton
-    kernel does it all in one pass (``triton_mix``).
+    segments back together (row branch: (B, H, W) token order; column branch: (B, W, H)). Where ``kernels``
+    allow, one pass of a hand-written kernel does it all: Triton on CUDA (``triton_mix``), C++ on CPU
+    (``cpu_mix``).
     """
     mix, x = _as_autocast(mix, x)
-    if triton and triton_mix.usable(mix, x):
+    if kernels[0] and triton_mix.usable(mix, x):
         return triton_mix.mixed_tokens(mix, x, branches)
+    if kernels[1] and _eager_cpu(x) and cpu_mix.usable(x, mix):  # compiled: _compiler_branches
+        y = x.new_empty(len(branches), x.shape[0] * x.shape[1] * x.shape[2], x.shape[3])
+        for k, columns in enumerate(branches):
+            cpu_mix.mix_lines_into(mix[k], x, columns, _as_map(y[k], x.shape, columns))
+        return y
     K, B, L1, S, N, _ = mix.shape
     xs = _stack_segments(x, S, branches)
     y = torch.bmm(mix.reshape(-1, N, N), xs.reshape(-1, N, xs.shape[-1]))  # bmm on 3-d is faster than matmul
@@ -275,8 +296,8 @@ def _project(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         branches: Tuple[bool, ...], triton: bool) -> torch.Tensor:
-    return _project(_mixed_tokens(mix, x, branches, triton), weight, bias, mix)
+                         branches: Tuple[bool, ...], kernels: Kernels) -> torch.Tensor:
+    return _project(_mixed_tokens(mix, x, branches, kernels), weight, bias, mix)
 
 
 def _keep_mixed_tokens(x: torch.Tensor) -> bool:
@@ -291,8 +312,8 @@ def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
     """:class:`_MixProject` when gradients are needed, else its forward directly (traceable for export)."""
     if torch.is_grad_enabled() and (mix.requires_grad or x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return _MixProject.apply(mix, x, weight, bias, branches, _min_macs(fast), fast.triton)
-    return _mix_project_forward(mix, x, weight, bias, branches, fast.triton)
+        return _MixProject.apply(mix, x, weight, bias, branches, _min_macs(fast), _kernels(fast))
+    return _mix_project_forward(mix, x, weight, bias, branches, _kernels(fast))
 
 
 def _weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -302,18 +323,30 @@ def _weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool,
-                          min_macs: Optional[int], triton: bool, mixed: Optional[torch.Tensor] = None):
+                          min_macs: Optional[int], kernels: Kernels, mixed: Optional[torch.Tensor] = None):
     """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``; ``min_macs``
     may allow oneDNN for ``grad @ W`` (see :class:`_OneDnnLinear`); ``mixed``: the mixed tokens, if kept."""
     K, B, L1, S, N, _ = mix.shape
     grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * L1 * N, C)
     grad_mix = grad_x = grad_weight = None
     if need_weight:
-        grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches, triton) if mixed is None else mixed)
+        grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches, kernels) if mixed is None else mixed)
     if need_mix or need_x:
         mix, x = _as_autocast(mix, x)
         c = weight.shape[1] // S
-        use_triton = triton and triton_mix.usable(mix, x)
+        use_triton = kernels[0] and triton_mix.usable(mix, x)
+        if not use_triton and kernels[1] and _eager_cpu(x) and cpu_mix.usable(x, mix) and not torch.is_grad_enabled():
+            # (not under create_graph: the kernels have no derivative) grad @ W, line-major as the mixed tokens
+            if _onednn_worth_it(grad[0], weight.shape[1], min_macs):
+                grad_y = torch.stack([_onednn_linear(grad[k], weight[k].t().contiguous()) for k in range(K)])
+            else:
+                grad_y = torch.bmm(grad.to(x.dtype), weight.to(x.dtype))
+            grad_mix = torch.empty_like(mix) if need_mix else None
+            grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+            for k, columns in enumerate(branches):
+                cpu_mix.mix_lines_backward_into(_as_map(grad_y[k], x.shape, columns), mix[k], x, columns,
+                                                None if grad_mix is None else grad_mix[k], grad_x, accumulate=k > 0)
+            return grad_mix, grad_x, grad_weight
         # grad @ W per branch through oneDNN, written in segment-major order (not under create_graph: no derivative)
         if not use_triton and _onednn_worth_it(grad[0], weight.shape[1], min_macs) and not torch.is_grad_enabled():
             grad_y = grad.new_empty(K, B, L1, S, N, c)
@@ -351,11 +384,11 @@ class _MixProject(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mix, x, weight, bias, branches: Tuple[bool, ...], min_macs: Optional[int], triton: bool):
-        ctx.branches, ctx.min_macs, ctx.triton = branches, min_macs, triton
+    def forward(ctx, mix, x, weight, bias, branches: Tuple[bool, ...], min_macs: Optional[int], kernels: Kernels):
+        ctx.branches, ctx.min_macs, ctx.kernels = branches, min_macs, kernels
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
-        y = _mixed_tokens(mix, x, branches, triton)
+        y = _mixed_tokens(mix, x, branches, kernels)
         ctx.save_for_backward(mix, x, weight, y if _keep_mixed_tokens(x) else None)
         return _project(y, weight, bias, mix)
 
@@ -367,7 +400,7 @@ class _MixProject(torch.autograd.Function):
         grad_bias = None
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
             grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2], ctx.min_macs, ctx.triton, mixed)
+                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2], ctx.min_macs, ctx.kernels, mixed)
             if need[3]:
                 grad_bias = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1)
         return grad_mix, grad_x, grad_weight, grad_bias, None, None, None
@@ -393,12 +426,12 @@ class _GenerateMixProject(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lines, gen_weight, gen_bias, x, weight, branches: Tuple[bool, ...], dims: Tuple[int, int, int],
-                min_macs: Optional[int], triton: bool):
-        ctx.branches, ctx.dims, ctx.min_macs, ctx.triton = branches, dims, min_macs, triton
+                min_macs: Optional[int], kernels: Kernels):
+        ctx.branches, ctx.dims, ctx.min_macs, ctx.kernels = branches, dims, min_macs, kernels
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
         mix = softmax_mixing(lines, gen_weight, gen_bias, dims)
-        y = _mixed_tokens(mix, x, branches, triton)
+        y = _mixed_tokens(mix, x, branches, kernels)
         ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight, y if _keep_mixed_tokens(x) else None)
         return _project(y, weight, None, mix)
 
@@ -412,7 +445,7 @@ class _GenerateMixProject(torch.autograd.Function):
             mix = softmax_mixing(lines, gen_weight, gen_bias, ctx.dims)
             need_mix = need[0] or need[1] or need[2]
             grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.min_macs, ctx.triton, mixed)
+                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.min_macs, ctx.kernels, mixed)
             if need_mix:
                 grad_logits = _softmax_backward(grad_mix, mix)
                 grad_logits = grad_logits.view(lines.shape[0], lines.shape[1], -1)
@@ -429,9 +462,9 @@ def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims,
     """:class:`_GenerateMixProject` when gradients are needed, else its forward directly."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, gen_weight, gen_bias, x, weight)):
         return _GenerateMixProject.apply(lines, gen_weight, gen_bias, x, weight, branches, dims, _min_macs(fast),
-                                         fast.triton)
+                                         _kernels(fast))
     return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches,
-                                fast.triton)
+                                _kernels(fast))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -491,12 +524,13 @@ def _compiler_mixing(op, z: Optional[torch.Tensor], columns: bool) -> torch.Tens
     return softmax(logits.view(*lines.shape[:3], N, N))
 
 
-def _compiler_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_fused_branches` written for the compiler, for training: plain differentiable ops (no autograd
-    Function, so it partitions and fuses the backward too), and the mixing of N-token lines as a broadcast
-    product summed over N, whose gradients come out in the map's own (B, H, W, C) order without segment-major
-    copies. For the 4- and 8-token lines of the CIFAR models on CPU a training step is faster so; inference is
-    not (the forward's product loops are slower than the batched matmul), so it keeps the matmul
+def _compiler_branches(mixer, x: torch.Tensor, kernels: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    """:func:`_fused_branches` written for the compiler: plain differentiable ops (no autograd Function, so it
+    partitions and fuses the backward too) around the mixing, which with ``kernels`` is the C++ kernel
+    (``cpu_mix``, an opaque op with its own gradient), otherwise a broadcast product summed over the line (for
+    training only: for the 4- and 8-token lines of the CIFAR models a training step is faster so, inference is
+    not). Either way the mixed tokens come out in the map's own (B, H, W, C) order, without segment-major copies
     (docs/benchmarks.md, "Why the fast path's defaults")."""
     B, H, W, C = x.shape
     row, col = mixer.row_mix, mixer.column_op
@@ -512,11 +546,15 @@ def _compiler_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
             z_row, z_col = torch.nn.functional.linear(x, weight, bias).unflatten(-1, (2, S, -1)).unbind(-3)
     mix_row, xs = _as_autocast(_compiler_mixing(row, z_row, False), x)
     mix_col, _ = _as_autocast(_compiler_mixing(col, z_col, True), x)
-    xs = xs.unflatten(-1, (S, -1))  # (B, H, W, S, c)
-    # rows: y[b, h, j, s] = sum_i P[b, h, s, j, i] x[b, h, i, s]; columns: y[b, j, w, s] = sum_i P[b, w, s, j, i]
-    # x[b, i, w, s] (each a vector of the segment's c channels)
-    rows = (mix_row.permute(0, 1, 3, 4, 2).unsqueeze(-1) * xs.unsqueeze(2)).sum(3).flatten(-2)
-    cols = (mix_col.permute(0, 3, 4, 1, 2).unsqueeze(-1) * xs.unsqueeze(1)).sum(2).flatten(-2)
+    if kernels:
+        rows = cpu_mix.mix_lines(mix_row.expand(B, H, S, W, W), xs, columns=False)
+        cols = cpu_mix.mix_lines(mix_col.expand(B, W, S, H, H), xs, columns=True)
+    else:
+        xs = xs.unflatten(-1, (S, -1))  # (B, H, W, S, c)
+        # rows: y[b, h, j, s] = sum_i P[b, h, s, j, i] x[b, h, i, s]; columns: y[b, j, w, s] = sum_i
+        # P[b, w, s, j, i] x[b, i, w, s] (each a vector of the segment's c channels)
+        rows = (mix_row.permute(0, 1, 3, 4, 2).unsqueeze(-1) * xs.unsqueeze(2)).sum(3).flatten(-2)
+        cols = (mix_col.permute(0, 3, 4, 1, 2).unsqueeze(-1) * xs.unsqueeze(1)).sum(2).flatten(-2)
     rows = torch.nn.functional.linear(rows, row.proj.weight)
     cols = torch.nn.functional.linear(cols, col.proj.weight)
     return rows, cols.transpose(1, 2), row.proj.bias, col.proj.bias
@@ -531,9 +569,11 @@ def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
     if W != row.seq_len or H != col.seq_len:  # windows of the built line length: the ops one by one
         rows, cols = mixer.line_branches(x)
         return rows, cols.transpose(1, 2), None, None
-    if (x.device.type == 'cpu' and max(H, W) <= mixer.fast_path.compiler_mixing_max_len
-            and torch.is_grad_enabled() and torch.compiler.is_compiling()):
-        return _compiler_branches(mixer, x)
+    if x.device.type == 'cpu' and torch.compiler.is_compiling():
+        # an exported program must not need this package's compiled library
+        kernels = mixer.fast_path.cpu_kernels and not torch.compiler.is_exporting() and cpu_mix.usable(x)
+        if kernels or (torch.is_grad_enabled() and max(H, W) <= mixer.fast_path.compiler_mixing_max_len):
+            return _compiler_branches(mixer, x, kernels)
     groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
     outs = []
     for branches in groups:

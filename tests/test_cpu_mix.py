@@ -1,0 +1,129 @@
+"""The C++ mixing kernels (dynamixer/models/cpu_mix.cpp) against the same sums in float64 einsum: every
+segment width path, rows and columns, strided and broadcast inputs, accumulation, gradients, bad inputs, and
+the fast path's fallback when the kernels cannot be built."""
+import warnings
+
+import pytest
+import timm
+import torch
+
+import dynamixer  # noqa: F401  (registers the models)
+from dynamixer.models import cpu_mix
+
+if not cpu_mix.available():
+    pytest.fail('the CPU kernels did not build here (a C++ compiler is needed, as for torch.compile)',
+                pytrace=False)
+
+
+def einsum_mix(mix, x, columns):
+    xs = x.unflatten(-1, (mix.shape[2], -1))
+    if columns:
+        return torch.einsum('bwsji,biwsc->bjwsc', mix, xs).flatten(-2)
+    return torch.einsum('bhsji,bhisc->bhjsc', mix, xs).flatten(-2)
+
+
+def inputs(columns, c, S=3, shape=(2, 5, 7), dtype=torch.float64):
+    B, H, W = shape
+    L1, N = (W, H) if columns else (H, W)
+    x = torch.randn(B, H, W, S * c, dtype=dtype)
+    mix = torch.randn(B, L1, S, N, N, dtype=dtype).softmax(-1)
+    return mix, x
+
+
+@pytest.mark.parametrize('c', [5, 8, 24, 64])  # 5: the general loop; the others whole 8-lane vectors
+@pytest.mark.parametrize('columns', [False, True])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_values_and_gradients_equal_einsum(c, columns, dtype, tol):
+    torch.manual_seed(0)
+    mix, x = inputs(columns, c)
+    mix.requires_grad_(), x.requires_grad_()
+    expected = einsum_mix(mix, x, columns)
+    grad = torch.randn_like(expected)
+    grad_mix, grad_x = torch.autograd.grad(expected, (mix, x), grad)
+    mix_k, x_k = mix.detach().to(dtype).requires_grad_(), x.detach().to(dtype).requires_grad_()
+    out = cpu_mix.mix_lines(mix_k, x_k, columns)
+    assert out.dtype == dtype and out.shape == x.shape
+    got_mix, got_x = torch.autograd.grad(out, (mix_k, x_k), grad.to(dtype))
+    rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(out, expected) <= tol
+    assert rel(got_mix, grad_mix) <= tol
+    assert rel(got_x, grad_x) <= tol
+    transposed = einsum_mix(mix.detach().transpose(-1, -2), x.detach(), columns)  # a swapped index would pass?
+    assert rel(out, transposed) > 10 * tol
+
+
+def test_strided_maps_broadcast_matrices_and_accumulation():
+    """``x`` as a crop of a wider map (not contiguous), ``out`` as a transposed view, a matrix shared by every
+    line (stride 0, as the static generation) whose gradient sums over the lines, and ``accumulate``."""
+    torch.manual_seed(0)
+    B, H, W, S, c = 2, 4, 6, 2, 8
+    x = torch.randn(B, H, W + 3, S * c)[:, :, 1:W + 1]  # (B, H, W, C) with unit channel stride, not contiguous
+    assert not x.is_contiguous()
+    shared = torch.randn(S, W, W).softmax(-1).requires_grad_()
+    mix = shared.expand(B, H, S, W, W)
+    out = cpu_mix.mix_lines(mix, x, False)
+    assert torch.allclose(out, einsum_mix(mix.detach(), x, False), atol=1e-5)
+    out.square().sum().backward()
+    expected = torch.autograd.grad(einsum_mix(shared.expand(B, H, S, W, W), x, False).square().sum(), shared)[0]
+    assert torch.allclose(shared.grad, expected, atol=1e-4)
+    into = torch.ones(B, W, H, S * c).transpose(1, 2)  # a (B, H, W, C) view of a (B, W, H, C) buffer
+    cpu_mix.mix_lines_into(mix.detach(), x, False, into, accumulate=True)
+    assert torch.allclose(into, 1 + out.detach(), atol=1e-5)
+    grad_x = torch.ones(B, H, W, S * c)
+    grad_mix = torch.empty(B, H, S, W, W)
+    g = torch.randn(B, H, W, S * c)
+    cpu_mix.mix_lines_backward_into(g, mix.detach(), x, False, grad_mix, grad_x, accumulate=True)
+    x_ = x.clone().requires_grad_()
+    mix_ = mix.detach().clone().requires_grad_()
+    e_mix, e_x = torch.autograd.grad(einsum_mix(mix_, x_, False), (mix_, x_), g)
+    assert torch.allclose(grad_x, 1 + e_x, atol=1e-5) and torch.allclose(grad_mix, e_mix, atol=1e-5)
+
+
+@pytest.mark.parametrize('bad,message', [
+    (lambda mix, x: (mix[:, :-1], x), 'mix must be (B, L1, S, N, N)'),
+    (lambda mix, x: (mix.transpose(-1, -2), x), "mix's last three dimensions must be contiguous"),
+    (lambda mix, x: (mix.double(), x.double()), 'x must be float32 or bfloat16'),
+    (lambda mix, x: (mix.bfloat16(), x), "mix must have x's dtype"),
+    (lambda mix, x: (mix, x.transpose(-1, -2)), 'unit stride over channels'),
+])
+def test_bad_inputs_say_what_was_expected(bad, message):
+    mix, x = inputs(False, 8, dtype=torch.float32)
+    mix, x = bad(mix, x)
+    with pytest.raises(RuntimeError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        torch.ops.dynamixer_cpu.mix_lines(mix, x, False)
+
+
+def test_without_a_compiler_the_fast_path_falls_back_to_torch_ops(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))  # nothing built there yet
+
+    def no_compiler(**kwargs):
+        raise RuntimeError('Error building extension: g++ not found')
+    monkeypatch.setattr(cpp_extension, 'load', no_compiler)
+    monkeypatch.setattr(cpu_mix, '_loaded', None)
+    with pytest.warns(UserWarning, match='could not be built.*g\\+\\+ not found'):
+        assert not cpu_mix.available()
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', depths=(1,), embed_dims=(16,), num_segments=(2,),
+                              stage_strides=(1,), num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # warned once, not on every call
+        fast = model(x)
+    model.set_fast_path(False)
+    assert torch.allclose(fast, model(x), atol=1e-5)
+
+
+def test_flop_counter_counts_the_kernels_as_the_matmuls_they_replace():
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', depths=(1,), embed_dims=(16,), num_segments=(2,),
+                              stage_strides=(1,), num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    flops = []
+    for kernels in (True, False):
+        model.set_fast_path(cpu_kernels=kernels)
+        with FlopCounterMode(display=False) as counter:
+            model(x).sum().backward()
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0
