@@ -127,3 +127,38 @@ def test_flop_counter_counts_the_kernels_as_the_matmuls_they_replace():
             model(x).sum().backward()
         flops.append(counter.get_total_flops())
     assert flops[0] == flops[1] > 0
+
+
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_reweight_equals_the_weighted_sum_and_its_gradients(bias, dtype, tol):
+    """The fusion ``w_row (rows + b_row) + w_col (cols + b_col) + w_chan chans`` with the columns as a transposed
+    view (as the fast path passes them), against float64 autograd."""
+    torch.manual_seed(0)
+    B, H, W, C = 3, 4, 5, 24
+    rows = torch.randn(B, H, W, C, dtype=torch.float64)
+    cols = torch.randn(B, W, H, C, dtype=torch.float64).transpose(1, 2)
+    chans = torch.randn(B, H, W, C, dtype=torch.float64)
+    weights = torch.randn(B, C, 3, dtype=torch.float64).softmax(-1)
+    biases = [torch.randn(C, dtype=torch.float64) if bias else None for _ in range(2)]
+    inputs = [rows, cols, chans, weights, *biases]
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+
+    def expected(rows, cols, chans, weights, bias_row, bias_col):
+        w_col, w_row, w_chan = [w[:, None, None, :] for w in weights.unbind(-1)]
+        return (w_row * (rows + (0 if bias_row is None else bias_row)) + w_col * (cols + (0 if bias_col is None
+                else bias_col)) + w_chan * chans)
+    out = expected(*leaves)
+    grad = torch.randn_like(out)
+    wanted = torch.autograd.grad(out, [t for t in leaves if t is not None], grad)
+    mine = [t.detach().to(dtype if i < 3 else torch.float32).requires_grad_() if t is not None else None
+            for i, t in enumerate(inputs)]
+    got = cpu_mix.reweight(*mine)
+    assert got.dtype == dtype and got.shape == (B, H, W, C)
+    rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(got, out) <= tol
+    grads = torch.autograd.grad(got, [t for t in mine if t is not None], grad.to(dtype))
+    assert len(grads) == len(wanted)
+    for g, w in zip(grads, wanted):
+        assert g.shape == w.shape and rel(g, w) <= tol
+    assert grads[1].stride() == mine[1].stride()  # the columns' gradient in the columns' own layout

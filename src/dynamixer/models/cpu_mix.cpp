@@ -262,6 +262,172 @@ std::tuple<at::Tensor, at::Tensor> mix_lines_backward(const at::Tensor& grad, co
   return {grad_mix, grad_x};
 }
 
+// The re-weighting fusion of the three branches (DynaMixer's official fusion): per image b and channel k,
+// out = w_row (rows + b_row) + w_col (cols + b_col) + w_chan chans, with weights (B, C, 3) in the official
+// branch order (column, row, channel), fp32, and optional fp32 biases (C) of the row and column projections.
+// Maps (B, H, W, C) of one dtype, any strides with unit channel stride; fp32 arithmetic.
+struct Branches {
+  const at::Tensor& rows;
+  const at::Tensor& cols;
+  const at::Tensor& chans;
+};
+
+void check_reweight(const Branches& maps, const at::Tensor& weights, const c10::optional<at::Tensor>& bias_row,
+                    const c10::optional<at::Tensor>& bias_col) {
+  const at::Tensor& rows = maps.rows;
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 4 && rows.stride(3) == 1 &&
+                  (rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kBFloat16),
+              "rows must be a float32 or bfloat16 CPU map (B, H, W, C) with unit stride over channels");
+  check_map(maps.cols, rows, "cols");
+  check_map(maps.chans, rows, "chans");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.dim() == 3 &&
+                  weights.size(0) == rows.size(0) && weights.size(1) == rows.size(3) && weights.size(2) == 3,
+              "weights must be a contiguous float32 (B, C, 3), got ", weights.sizes());
+  for (const auto* bias : {&bias_row, &bias_col}) {
+    TORCH_CHECK(!bias->has_value() || ((*bias)->scalar_type() == at::kFloat && (*bias)->is_contiguous() &&
+                                       (*bias)->dim() == 1 && (*bias)->size(0) == rows.size(3)),
+                "the branch biases must be contiguous float32 (C)");
+  }
+}
+
+struct ImageWeights {  // one image's weights split by branch, the biases folded in as constants
+  std::vector<float> row, col, chan;
+};
+
+ImageWeights image_weights(const float* w, int64_t C) {
+  ImageWeights out{std::vector<float>(C), std::vector<float>(C), std::vector<float>(C)};
+  for (int64_t k = 0; k < C; ++k) {
+    out.col[k] = w[3 * k];
+    out.row[k] = w[3 * k + 1];
+    out.chan[k] = w[3 * k + 2];
+  }
+  return out;
+}
+
+template <typename T>
+void reweight_kernel(const Branches& maps, const at::Tensor& weights, const float* bias_row, const float* bias_col,
+                     const at::Tensor& out) {
+  const int64_t B = out.size(0), H = out.size(1), W = out.size(2), C = out.size(3);
+  const T* R = maps.rows.const_data_ptr<T>();
+  const T* L = maps.cols.const_data_ptr<T>();
+  const T* X = maps.chans.const_data_ptr<T>();
+  T* O = out.mutable_data_ptr<T>();
+  const float* WT = weights.const_data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> constant(C), r(C), l(C), x(C), o(C);
+    for (int64_t b = begin; b < end; ++b) {
+      const ImageWeights w = image_weights(WT + b * C * 3, C);
+      for (int64_t k = 0; k < C; ++k) {
+        constant[k] = (bias_row ? w.row[k] * bias_row[k] : 0.f) + (bias_col ? w.col[k] * bias_col[k] : 0.f);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t v = 0; v < W; ++v) {
+          auto offset = [&](const at::Tensor& t) { return b * t.stride(0) + h * t.stride(1) + v * t.stride(2); };
+          load_line(R + offset(maps.rows), 0, 1, C, r.data());
+          load_line(L + offset(maps.cols), 0, 1, C, l.data());
+          load_line(X + offset(maps.chans), 0, 1, C, x.data());
+          for (int64_t k = 0; k < C; ++k) o[k] = constant[k] + w.row[k] * r[k] + w.col[k] * l[k] + w.chan[k] * x[k];
+          store_line(o.data(), 1, C, false, O + offset(out), 0);
+        }
+      }
+    }
+  });
+}
+
+// grad_rows = w_row g, grad_cols = w_col g, grad_chans = w_chan g; grad_weights[b, k] = sum over the image of g
+// times (cols + b_col, rows + b_row, chans); grad_sum[b, k] = sum over the image of g (for the biases).
+template <typename T>
+void reweight_backward_kernel(const at::Tensor& grad, const Branches& maps, const at::Tensor& weights,
+                              const float* bias_row, const float* bias_col, const Branches& grads,
+                              const at::Tensor& grad_weights, const at::Tensor& grad_sum) {
+  const int64_t B = grad.size(0), H = grad.size(1), W = grad.size(2), C = grad.size(3);
+  const T* G = grad.const_data_ptr<T>();
+  const T* R = maps.rows.const_data_ptr<T>();
+  const T* L = maps.cols.const_data_ptr<T>();
+  const T* X = maps.chans.const_data_ptr<T>();
+  T* GR = const_cast<T*>(grads.rows.const_data_ptr<T>());
+  T* GL = const_cast<T*>(grads.cols.const_data_ptr<T>());
+  T* GX = const_cast<T*>(grads.chans.const_data_ptr<T>());
+  const float* WT = weights.const_data_ptr<float>();
+  float* GW = grad_weights.mutable_data_ptr<float>();
+  float* GS = grad_sum.mutable_data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(C), r(C), l(C), x(C), out(C), sum_r(C), sum_l(C), sum_x(C), sum_g(C);
+    for (int64_t b = begin; b < end; ++b) {
+      const ImageWeights w = image_weights(WT + b * C * 3, C);
+      std::fill(sum_r.begin(), sum_r.end(), 0.f);
+      std::fill(sum_l.begin(), sum_l.end(), 0.f);
+      std::fill(sum_x.begin(), sum_x.end(), 0.f);
+      std::fill(sum_g.begin(), sum_g.end(), 0.f);
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t v = 0; v < W; ++v) {
+          auto offset = [&](const at::Tensor& t) { return b * t.stride(0) + h * t.stride(1) + v * t.stride(2); };
+          load_line(G + offset(grad), 0, 1, C, g.data());
+          load_line(R + offset(maps.rows), 0, 1, C, r.data());
+          load_line(L + offset(maps.cols), 0, 1, C, l.data());
+          load_line(X + offset(maps.chans), 0, 1, C, x.data());
+          for (int64_t k = 0; k < C; ++k) {
+            sum_r[k] += g[k] * r[k];
+            sum_l[k] += g[k] * l[k];
+            sum_x[k] += g[k] * x[k];
+            sum_g[k] += g[k];
+          }
+          for (int64_t k = 0; k < C; ++k) out[k] = w.row[k] * g[k];
+          store_line(out.data(), 1, C, false, GR + offset(grads.rows), 0);
+          for (int64_t k = 0; k < C; ++k) out[k] = w.col[k] * g[k];
+          store_line(out.data(), 1, C, false, GL + offset(grads.cols), 0);
+          for (int64_t k = 0; k < C; ++k) out[k] = w.chan[k] * g[k];
+          store_line(out.data(), 1, C, false, GX + offset(grads.chans), 0);
+        }
+      }
+      for (int64_t k = 0; k < C; ++k) {
+        GW[(b * C + k) * 3] = sum_l[k] + (bias_col ? bias_col[k] * sum_g[k] : 0.f);
+        GW[(b * C + k) * 3 + 1] = sum_r[k] + (bias_row ? bias_row[k] * sum_g[k] : 0.f);
+        GW[(b * C + k) * 3 + 2] = sum_x[k];
+        GS[b * C + k] = sum_g[k];
+      }
+    }
+  });
+}
+
+const float* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
+at::Tensor reweight(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& chans, const at::Tensor& weights,
+                    const c10::optional<at::Tensor>& bias_row, const c10::optional<at::Tensor>& bias_col) {
+  const Branches maps{rows, cols, chans};
+  check_reweight(maps, weights, bias_row, bias_col);
+  at::Tensor out = at::empty(rows.sizes(), rows.options());
+  if (rows.scalar_type() == at::kFloat) {
+    reweight_kernel<float>(maps, weights, data_or_null(bias_row), data_or_null(bias_col), out);
+  } else {
+    reweight_kernel<at::BFloat16>(maps, weights, data_or_null(bias_row), data_or_null(bias_col), out);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reweight_backward(
+    const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& chans,
+    const at::Tensor& weights, const c10::optional<at::Tensor>& bias_row, const c10::optional<at::Tensor>& bias_col) {
+  const Branches maps{rows, cols, chans};
+  check_reweight(maps, weights, bias_row, bias_col);
+  check_map(grad, rows, "grad");
+  // each gradient in its map's layout where that is dense (e.g. the columns' transposed view), else contiguous
+  at::Tensor grad_rows = at::empty_like(rows), grad_cols = at::empty_like(cols), grad_chans = at::empty_like(chans);
+  at::Tensor grad_weights = at::empty(weights.sizes(), weights.options());
+  at::Tensor grad_sum = at::empty({rows.size(0), rows.size(3)}, weights.options());
+  const Branches grads{grad_rows, grad_cols, grad_chans};
+  if (rows.scalar_type() == at::kFloat) {
+    reweight_backward_kernel<float>(grad, maps, weights, data_or_null(bias_row), data_or_null(bias_col), grads,
+                                    grad_weights, grad_sum);
+  } else {
+    reweight_backward_kernel<at::BFloat16>(grad, maps, weights, data_or_null(bias_row), data_or_null(bias_col),
+                                           grads, grad_weights, grad_sum);
+  }
+  return {grad_rows, grad_cols, grad_chans, grad_weights, grad_sum};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dynamixer_cpu, m) {
@@ -270,6 +436,10 @@ TORCH_LIBRARY(dynamixer_cpu, m) {
   m.def("mix_lines_backward(Tensor grad, Tensor mix, Tensor x, bool columns) -> (Tensor, Tensor)");
   m.def("mix_lines_backward_out(Tensor grad, Tensor mix, Tensor x, bool columns, Tensor(a!)? grad_mix, "
         "Tensor(b!)? grad_x, bool accumulate) -> ()");
+  m.def("reweight(Tensor rows, Tensor cols, Tensor chans, Tensor weights, Tensor? bias_row, Tensor? bias_col) "
+        "-> Tensor");
+  m.def("reweight_backward(Tensor grad, Tensor rows, Tensor cols, Tensor chans, Tensor weights, Tensor? bias_row, "
+        "Tensor? bias_col) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dynamixer_cpu, CPU, m) {
@@ -277,4 +447,6 @@ TORCH_LIBRARY_IMPL(dynamixer_cpu, CPU, m) {
   m.impl("mix_lines_out", &mix_lines_out);
   m.impl("mix_lines_backward", &mix_lines_backward);
   m.impl("mix_lines_backward_out", &mix_lines_backward_out);
+  m.impl("reweight", &reweight);
+  m.impl("reweight_backward", &reweight_backward);
 }

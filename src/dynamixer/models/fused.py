@@ -603,6 +603,8 @@ def fuse_branches(mixer, x: torch.Tensor) -> torch.Tensor:
         if bias_row is not None:
             means = means + (bias_row + bias_col)
         weights = mixer.reweight(means).view(-1, C, 3).softmax(dim=-1)  # per channel, over 3 branches
+        if mixer.fast_path.cpu_kernels and _eager_cpu(rows) and cpu_mix.usable(rows):  # one pass, one back
+            return cpu_mix.reweight(rows, cols, chans, weights, bias_row, bias_col)
         # in the branches' precision: under autocast the (tiny) fp32 weights would make every pass over the
         # maps fp32, and the output projection casts the sum back anyway
         weights = weights.to(rows.dtype)
