@@ -315,7 +315,7 @@ class Stem(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        return self.proj(x).permute(0, 2, 3, 1).contiguous()  # see Downsample.forward
 
 
 class ConvStem(nn.Module):
@@ -351,7 +351,7 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         H, W = x.shape[-2:]
-        return self.convs(x[..., :H // p * p, :W // p * p]).permute(0, 2, 3, 1)
+        return self.convs(x[..., :H // p * p, :W // p * p]).permute(0, 2, 3, 1).contiguous()  # see Downsample
 
 
 class Downsample(nn.Module):
@@ -366,7 +366,9 @@ class Downsample(nn.Module):
         if x.shape[1] < self.stride or x.shape[2] < self.stride:
             raise ValueError(f'the feature map ({x.shape[1]} x {x.shape[2]} tokens) is too small to downsample '
                              f'by {self.stride}; use a larger input image.')
-        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # the blocks get a contiguous NHWC map (a no-op when the conv wrote channels-last): a permuted view would
+        # be copied by every LayerNorm, forward and backward, and slow every elementwise op of the stage
+        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
 
 
 class DynaMixerStage(nn.Module):
