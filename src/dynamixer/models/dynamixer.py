@@ -143,8 +143,8 @@ class DynaMixerOp(nn.Module):
                              f'build the model for this input size or use dynamic_img_size=True.')
         mix = self.mixing_matrix(x, valid)  # (L, S, N_out, N_in)
         if self.fast_path.enabled and _plain((self.proj,)):  # mixing and projection in one fused op
-            out = mix_project(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
-                              self.proj.bias.unsqueeze(0), (False,), self.fast_path)
+            out, = mix_project(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
+                               self.proj.bias.unsqueeze(0), (False,), self.fast_path)
             return out.view(-1, N, C)
         S = self.num_segments
         mixed = mix @ x.reshape(-1, N, S, C // S).transpose(1, 2)  # each segment's channels mixed: (L, S, N, C/S)

@@ -308,45 +308,48 @@ def _keep_mixed_tokens(x: torch.Tensor) -> bool:
 
 
 def mix_project(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 branches: Tuple[bool, ...], fast: FastPath) -> torch.Tensor:
-    """:class:`_MixProject` when gradients are needed, else its forward directly (traceable for export)."""
+                branches: Tuple[bool, ...], fast: FastPath) -> Tuple[torch.Tensor, ...]:
+    """:class:`_MixProject` when gradients are needed, else its forward directly (traceable for export): one
+    ``(B, L1, N, C)`` output per branch."""
     if torch.is_grad_enabled() and (mix.requires_grad or x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _MixProject.apply(mix, x, weight, bias, branches, _min_macs(fast), _kernels(fast))
-    return _mix_project_forward(mix, x, weight, bias, branches, _kernels(fast))
+    return tuple(_mix_project_forward(mix, x, weight, bias, branches, _kernels(fast)).unbind(0))
 
 
-def _weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T @ b`` per branch, ``(K, R, m), (K, R, n) -> (K, m, n)``, as one mm per branch: a batched GEMM of
-    two long reductions gets a kernel without split-K on CUDA, a slow one."""
-    return torch.stack([x.t() @ y for x, y in zip(a.unbind(0), b.unbind(0))])
+def _weight_grad(a, b) -> torch.Tensor:
+    """``a^T @ b`` per branch, ``(K, R, m), (K, R, n) -> (K, m, n)`` (either also a sequence of K matrices), as one
+    mm per branch: a batched GEMM of two long reductions gets a kernel without split-K on CUDA, a slow one."""
+    return torch.stack([x.t() @ y for x, y in zip(a, b)])
 
 
-def _mix_project_backward(grad, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool,
+def _mix_project_backward(grads, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool,
                           min_macs: Optional[int], kernels: Kernels, mixed: Optional[torch.Tensor] = None):
-    """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``; ``min_macs``
-    may allow oneDNN for ``grad @ W`` (see :class:`_OneDnnLinear`); ``mixed``: the mixed tokens, if kept."""
+    """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``, from the
+    output gradients ``grads`` (one per branch, or all stacked); ``min_macs`` may allow oneDNN for ``grad @ W``
+    (see :class:`_OneDnnLinear`); ``mixed``: the mixed tokens, if kept. The CPU kernels take the branches one by
+    one; the other paths stack them."""
     K, B, L1, S, N, _ = mix.shape
-    grad = grad.reshape(K, -1, grad.shape[-1])  # (K, B * L1 * N, C)
+    grads = [g.reshape(-1, g.shape[-1]) for g in grads]  # K x (B * L1 * N, C)
     grad_mix = grad_x = grad_weight = None
     if need_weight:
-        grad_weight = _weight_grad(grad, _mixed_tokens(mix, x, branches, kernels) if mixed is None else mixed)
+        grad_weight = _weight_grad(grads, _mixed_tokens(mix, x, branches, kernels) if mixed is None else mixed)
     if need_mix or need_x:
         mix, x = _as_autocast(mix, x)
         c = weight.shape[1] // S
         use_triton = kernels[0] and triton_mix.usable(mix, x)
         if not use_triton and kernels[1] and _eager_cpu(x) and cpu_mix.usable(x, mix) and not torch.is_grad_enabled():
             # (not under create_graph: the kernels have no derivative) grad @ W, line-major as the mixed tokens
-            if _onednn_worth_it(grad[0], weight.shape[1], min_macs):
-                grad_y = torch.stack([_onednn_linear(grad[k], weight[k].t().contiguous()) for k in range(K)])
-            else:
-                grad_y = torch.bmm(grad.to(x.dtype), weight.to(x.dtype))
+            onednn = _onednn_worth_it(grads[0], weight.shape[1], min_macs)
             grad_mix = torch.empty_like(mix) if need_mix else None
             grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
             for k, columns in enumerate(branches):
-                cpu_mix.mix_lines_backward_into(_as_map(grad_y[k], x.shape, columns), mix[k], x, columns,
+                grad_y = (_onednn_linear(grads[k], weight[k].t().contiguous()) if onednn
+                          else grads[k].to(x.dtype) @ weight[k].to(x.dtype))
+                cpu_mix.mix_lines_backward_into(_as_map(grad_y, x.shape, columns), mix[k], x, columns,
                                                 None if grad_mix is None else grad_mix[k], grad_x, accumulate=k > 0)
             return grad_mix, grad_x, grad_weight
+        grad = torch.stack(grads)  # (K, B * L1 * N, C)
         # grad @ W per branch through oneDNN, written in segment-major order (not under create_graph: no derivative)
         if not use_triton and _onednn_worth_it(grad[0], weight.shape[1], min_macs) and not torch.is_grad_enabled():
             grad_y = grad.new_empty(K, B, L1, S, N, c)
@@ -376,8 +379,8 @@ class _MixProject(torch.autograd.Function):
     """``proj_k(P_k @ x)`` for K branches at once, each mixing the rows or the columns of an NHWC map ``x``.
 
     ``mix``: ``(K, B, L1, S, N, N)``; ``weight``: ``(K, C, C)``; ``bias``: ``(K, C)`` or None; ``branches``: a
-    tuple of K flags (False: rows, True: columns). Returns ``(K, B, L1, N, C)`` (rows: ``(B, H, W, C)``,
-    columns: ``(B, W, H, C)``). It saves ``P`` and ``x`` for backward (``x`` is kept alive by the compress
+    tuple of K flags (False: rows, True: columns). Returns K outputs ``(B, L1, N, C)`` (rows: ``(B, H, W, C)``,
+    columns: ``(B, W, H, C)``), separate so that their gradients need not be stacked. It saves ``P`` and ``x`` for backward (``x`` is kept alive by the compress
     and channel layers anyway) and, on CPU only, the mixed tokens (:func:`_keep_mixed_tokens`), instead of the
     two permuted copies per branch that plain autograd keeps (the segment-major input of the bmm and the input of
     ``proj``); what is not kept is recomputed.
@@ -390,19 +393,19 @@ class _MixProject(torch.autograd.Function):
         ctx.autocast = _autocast_state(x.device.type)
         y = _mixed_tokens(mix, x, branches, kernels)
         ctx.save_for_backward(mix, x, weight, y if _keep_mixed_tokens(x) else None)
-        return _project(y, weight, bias, mix)
+        return tuple(_project(y, weight, bias, mix).unbind(0))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         mix, x, weight, mixed = ctx.saved_tensors
         enabled, dtype = ctx.autocast
         need = ctx.needs_input_grad
         grad_bias = None
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
             grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grad, mix, x, weight, ctx.branches, need[0], need[1], need[2], ctx.min_macs, ctx.kernels, mixed)
+                grads, mix, x, weight, ctx.branches, need[0], need[1], need[2], ctx.min_macs, ctx.kernels, mixed)
             if need[3]:
-                grad_bias = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1)
+                grad_bias = torch.stack([g.reshape(-1, g.shape[-1]).sum(0) for g in grads])
         return grad_mix, grad_x, grad_weight, grad_bias, None, None, None
 
 
@@ -433,10 +436,10 @@ class _GenerateMixProject(torch.autograd.Function):
         mix = softmax_mixing(lines, gen_weight, gen_bias, dims)
         y = _mixed_tokens(mix, x, branches, kernels)
         ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight, y if _keep_mixed_tokens(x) else None)
-        return _project(y, weight, None, mix)
+        return tuple(_project(y, weight, None, mix).unbind(0))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         lines, gen_weight, gen_bias, x, weight, mixed = ctx.saved_tensors
         enabled, dtype = ctx.autocast
         need = ctx.needs_input_grad
@@ -445,7 +448,7 @@ class _GenerateMixProject(torch.autograd.Function):
             mix = softmax_mixing(lines, gen_weight, gen_bias, ctx.dims)
             need_mix = need[0] or need[1] or need[2]
             grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grad, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.min_macs, ctx.kernels, mixed)
+                grads, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.min_macs, ctx.kernels, mixed)
             if need_mix:
                 grad_logits = _softmax_backward(grad_mix, mix)
                 grad_logits = grad_logits.view(lines.shape[0], lines.shape[1], -1)
@@ -459,12 +462,12 @@ class _GenerateMixProject(torch.autograd.Function):
 
 
 def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, fast: FastPath):
-    """:class:`_GenerateMixProject` when gradients are needed, else its forward directly."""
+    """:class:`_GenerateMixProject` when gradients are needed, else its forward directly: one output per branch."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, gen_weight, gen_bias, x, weight)):
         return _GenerateMixProject.apply(lines, gen_weight, gen_bias, x, weight, branches, dims, _min_macs(fast),
                                          _kernels(fast))
-    return _mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None, branches,
-                                _kernels(fast))
+    return tuple(_mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None,
+                                      branches, _kernels(fast)).unbind(0))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -584,7 +587,7 @@ def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
         else:
             lines, gen_weight, gen_bias, dims = generator_inputs(mixer, x, branches)
             out = generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, mixer.fast_path)
-        outs.extend(out.unbind(0))
+        outs.extend(out)
     return outs[0], outs[1], row.proj.bias, col.proj.bias
 
 
@@ -599,10 +602,11 @@ def fuse_branches(mixer, x: torch.Tensor) -> torch.Tensor:
         x = linear(x, mixer.channel_mix.weight, bias, mixer.fast_path).add_(rows).add_(cols)
     else:
         chans = linear(x, mixer.channel_mix.weight, None, mixer.fast_path)
-        means = rows.mean(dim=(1, 2)) + cols.mean(dim=(1, 2)) + chans.mean(dim=(1, 2))
+        # sums, then one division of the small result: a mean's backward would write a divided full-size map
+        means = (rows.sum(dim=(1, 2)) + cols.sum(dim=(1, 2)) + chans.sum(dim=(1, 2))) / (rows.shape[1] * rows.shape[2])
         if bias_row is not None:
             means = means + (bias_row + bias_col)
-        weights = mixer.reweight(means).view(-1, C, 3).softmax(dim=-1)  # per channel, over 3 branches
+        weights = softmax(mixer.reweight(means).view(-1, C, 3))  # per channel, over 3 branches
         if mixer.fast_path.cpu_kernels and _eager_cpu(rows) and cpu_mix.usable(rows):  # one pass, one back
             return cpu_mix.reweight(rows, cols, chans, weights, bias_row, bias_col)
         # in the branches' precision: under autocast the (tiny) fp32 weights would make every pass over the
