@@ -162,3 +162,30 @@ def test_reweight_equals_the_weighted_sum_and_its_gradients(bias, dtype, tol):
     for g, w in zip(grads, wanted):
         assert g.shape == w.shape and rel(g, w) <= tol
     assert grads[1].stride() == mine[1].stride()  # the columns' gradient in the columns' own layout
+
+
+@pytest.mark.parametrize('columns', [False, True])
+def test_from_logits_the_kernels_normalise_and_give_the_logits_gradient(columns):
+    """``softmax=True``: the matrices come as logits, normalised as they are loaded, and the backward gives the
+    logits' gradient (what the eager fast path uses, so that no probabilities are written or read back)."""
+    torch.manual_seed(0)
+    _, x = inputs(columns, 8)
+    B, H, W, C = x.shape
+    L1, N = (W, H) if columns else (H, W)
+    logits = (3 * torch.randn(B, L1, 3, N, N, dtype=torch.float64)).requires_grad_()
+    xd = x.clone().requires_grad_()
+    expected = einsum_mix(logits.softmax(-1), xd, columns)
+    grad = torch.randn_like(expected)
+    grad_logits, grad_x = torch.autograd.grad(expected, (logits, xd), grad)
+    out = torch.empty(B, H, W, C)
+    cpu_mix.mix_lines_into(logits.detach().float(), x.float(), columns, out, softmax=True)
+    got_logits, got_x = torch.empty(logits.shape), torch.empty(B, H, W, C)
+    cpu_mix.mix_lines_backward_into(grad.float(), logits.detach().float(), x.float(), columns, got_logits, got_x,
+                                    softmax=True)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert torch.allclose(got_logits.double(), grad_logits, atol=1e-5)
+    assert torch.allclose(got_x.double(), grad_x, atol=1e-5)
+    assert not torch.allclose(got_logits.double(), torch.einsum('bljsc,blisc->blsji', grad.unflatten(-1, (3, -1))
+                              if not columns else grad.transpose(1, 2).unflatten(-1, (3, -1)),
+                              x.unflatten(-1, (3, -1)) if not columns else x.transpose(1, 2).unflatten(-1, (3, -1))),
+                              atol=1e-3)  # that would be the probabilities' gradient, not the logits'

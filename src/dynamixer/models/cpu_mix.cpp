@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -164,8 +166,29 @@ LineKernels line_kernels(int64_t c) {
   }
 }
 
+// With `softmax`, mix holds logits: each row of N is normalised (softmax) as it is loaded.
+inline void softmax_rows(float* p, int64_t rows, int64_t N) {
+  for (int64_t r = 0; r < rows; ++r, p += N) {
+    float top = p[0];
+    for (int64_t i = 1; i < N; ++i) top = std::max(top, p[i]);
+    float sum = 0.f;
+    for (int64_t i = 0; i < N; ++i) sum += (p[i] = std::exp(p[i] - top));
+    const float scale = 1.f / sum;
+    for (int64_t i = 0; i < N; ++i) p[i] *= scale;
+  }
+}
+
+// grad_logits = P (grad_P - <grad_P, P>) per row, in place of grad_P.
+inline void softmax_rows_backward(const float* p, float* grad, int64_t rows, int64_t N) {
+  for (int64_t r = 0; r < rows; ++r, p += N, grad += N) {
+    float dot = 0.f;
+    for (int64_t i = 0; i < N; ++i) dot += grad[i] * p[i];
+    for (int64_t i = 0; i < N; ++i) grad[i] = p[i] * (grad[i] - dot);
+  }
+}
+
 template <typename T>
-void mix_lines_kernel(const at::Tensor& mix, const at::Tensor& x, bool columns, bool accumulate,
+void mix_lines_kernel(const at::Tensor& mix, const at::Tensor& x, bool columns, bool accumulate, bool softmax,
                       const at::Tensor& out) {
   const int64_t B = x.size(0), C = x.size(3), S = mix.size(2), N = mix.size(3), L1 = mix.size(1);
   const Lines xl = lines_of(x, columns), ol = lines_of(out, columns);
@@ -180,17 +203,19 @@ void mix_lines_kernel(const at::Tensor& mix, const at::Tensor& x, bool columns, 
       const int64_t b = bl / L1, l = bl % L1;
       load_line(X + b * xl.batch + l * xl.line, xl.token, N, C, xf.data());
       load_line(P + b * mb + l * ml, 0, 1, S * N * N, pf.data());
+      if (softmax) softmax_rows(pf.data(), S * N, N);
       kernels.mix(pf.data(), xf.data(), S, N, C, /*transpose=*/false, of.data());
       store_line(of.data(), N, C, accumulate, O + b * ol.batch + l * ol.line, ol.token);
     }
   });
 }
 
-// grad_mix[s, j, i] = <grad[j, s, :], x[i, s, :]>; grad_x[i, s, :] (+)= sum_j P[s, j, i] grad[j, s, :].
+// grad_mix[s, j, i] = <grad[j, s, :], x[i, s, :]>; grad_x[i, s, :] (+)= sum_j P[s, j, i] grad[j, s, :]; with
+// `softmax` (mix holds logits) grad_mix is the logits' gradient.
 template <typename T>
 void mix_lines_backward_kernel(const at::Tensor& grad, const at::Tensor& mix, const at::Tensor& x, bool columns,
                                const c10::optional<at::Tensor>& grad_mix, const c10::optional<at::Tensor>& grad_x,
-                               bool accumulate) {
+                               bool accumulate, bool softmax) {
   const int64_t B = x.size(0), C = x.size(3), S = mix.size(2), N = mix.size(3), L1 = mix.size(1);
   const Lines xl = lines_of(x, columns), gl = lines_of(grad, columns);
   const int64_t mb = mix.stride(0), ml = mix.stride(1);
@@ -202,17 +227,21 @@ void mix_lines_backward_kernel(const at::Tensor& grad, const at::Tensor& mix, co
   const Lines gxl = grad_x ? lines_of(*grad_x, columns) : Lines{0, 0, 0};
   const LineKernels kernels = line_kernels(C / S);
   at::parallel_for(0, B * L1, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gf(N * C), xf(N * C), pf(S * N * N), of(N * C);
+    std::vector<float> gf(N * C), xf(N * C), pf(S * N * N), gmf(S * N * N), of(N * C);
     for (int64_t bl = begin; bl < end; ++bl) {
       const int64_t b = bl / L1, l = bl % L1;
       load_line(G + b * gl.batch + l * gl.line, gl.token, N, C, gf.data());
+      if (GX || softmax) {
+        load_line(P + b * mb + l * ml, 0, 1, S * N * N, pf.data());
+        if (softmax) softmax_rows(pf.data(), S * N, N);
+      }
       if (GM) {
         load_line(X + b * xl.batch + l * xl.line, xl.token, N, C, xf.data());
-        kernels.grad_mix(gf.data(), xf.data(), S, N, C, pf.data());
-        store_line(pf.data(), 1, S * N * N, false, GM + bl * S * N * N, 0);
+        kernels.grad_mix(gf.data(), xf.data(), S, N, C, gmf.data());
+        if (softmax) softmax_rows_backward(pf.data(), gmf.data(), S * N, N);
+        store_line(gmf.data(), 1, S * N * N, false, GM + bl * S * N * N, 0);
       }
       if (GX) {
-        load_line(P + b * mb + l * ml, 0, 1, S * N * N, pf.data());
         kernels.mix(pf.data(), gf.data(), S, N, C, /*transpose=*/true, of.data());
         store_line(of.data(), N, C, accumulate, GX + b * gxl.batch + l * gxl.line, gxl.token);
       }
@@ -220,25 +249,26 @@ void mix_lines_backward_kernel(const at::Tensor& grad, const at::Tensor& mix, co
   });
 }
 
-void mix_lines_out(const at::Tensor& mix, const at::Tensor& x, bool columns, bool accumulate, at::Tensor out) {
+void mix_lines_out(const at::Tensor& mix, const at::Tensor& x, bool columns, bool accumulate, at::Tensor out,
+                   bool softmax) {
   check_mix(mix, x, columns);
   check_map(out, x, "out");
   if (x.scalar_type() == at::kFloat) {
-    mix_lines_kernel<float>(mix, x, columns, accumulate, out);
+    mix_lines_kernel<float>(mix, x, columns, accumulate, softmax, out);
   } else {
-    mix_lines_kernel<at::BFloat16>(mix, x, columns, accumulate, out);
+    mix_lines_kernel<at::BFloat16>(mix, x, columns, accumulate, softmax, out);
   }
 }
 
 at::Tensor mix_lines(const at::Tensor& mix, const at::Tensor& x, bool columns) {
   at::Tensor out = at::empty(x.sizes(), x.options());
-  mix_lines_out(mix, x, columns, false, out);
+  mix_lines_out(mix, x, columns, false, out, false);
   return out;
 }
 
 void mix_lines_backward_out(const at::Tensor& grad, const at::Tensor& mix, const at::Tensor& x, bool columns,
                             const c10::optional<at::Tensor>& grad_mix, const c10::optional<at::Tensor>& grad_x,
-                            bool accumulate) {
+                            bool accumulate, bool softmax) {
   check_mix(mix, x, columns);
   check_map(grad, x, "grad");
   if (grad_mix) {
@@ -248,9 +278,9 @@ void mix_lines_backward_out(const at::Tensor& grad, const at::Tensor& mix, const
   }
   if (grad_x) check_map(*grad_x, x, "grad_x");
   if (x.scalar_type() == at::kFloat) {
-    mix_lines_backward_kernel<float>(grad, mix, x, columns, grad_mix, grad_x, accumulate);
+    mix_lines_backward_kernel<float>(grad, mix, x, columns, grad_mix, grad_x, accumulate, softmax);
   } else {
-    mix_lines_backward_kernel<at::BFloat16>(grad, mix, x, columns, grad_mix, grad_x, accumulate);
+    mix_lines_backward_kernel<at::BFloat16>(grad, mix, x, columns, grad_mix, grad_x, accumulate, softmax);
   }
 }
 
@@ -258,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> mix_lines_backward(const at::Tensor& grad, co
                                                       const at::Tensor& x, bool columns) {
   at::Tensor grad_mix = at::empty(mix.sizes(), x.options());  // full even where mix is broadcast
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  mix_lines_backward_out(grad, mix, x, columns, grad_mix, grad_x, false);
+  mix_lines_backward_out(grad, mix, x, columns, grad_mix, grad_x, false, false);
   return {grad_mix, grad_x};
 }
 
@@ -432,10 +462,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reweight_
 
 TORCH_LIBRARY(dynamixer_cpu, m) {
   m.def("mix_lines(Tensor mix, Tensor x, bool columns) -> Tensor");
-  m.def("mix_lines_out(Tensor mix, Tensor x, bool columns, bool accumulate, Tensor(a!) out) -> ()");
+  m.def("mix_lines_out(Tensor mix, Tensor x, bool columns, bool accumulate, Tensor(a!) out, bool softmax=False) "
+        "-> ()");
   m.def("mix_lines_backward(Tensor grad, Tensor mix, Tensor x, bool columns) -> (Tensor, Tensor)");
   m.def("mix_lines_backward_out(Tensor grad, Tensor mix, Tensor x, bool columns, Tensor(a!)? grad_mix, "
-        "Tensor(b!)? grad_x, bool accumulate) -> ()");
+        "Tensor(b!)? grad_x, bool accumulate, bool softmax=False) -> ()");
   m.def("reweight(Tensor rows, Tensor cols, Tensor chans, Tensor weights, Tensor? bias_row, Tensor? bias_col) "
         "-> Tensor");
   m.def("reweight_backward(Tensor grad, Tensor rows, Tensor cols, Tensor chans, Tensor weights, Tensor? bias_row, "

@@ -98,18 +98,19 @@ def mix_lines(mix: torch.Tensor, x: torch.Tensor, columns: bool) -> torch.Tensor
 
 
 def mix_lines_into(mix: torch.Tensor, x: torch.Tensor, columns: bool, out: torch.Tensor,
-                   accumulate: bool = False) -> None:
+                   accumulate: bool = False, softmax: bool = False) -> None:
     """:func:`mix_lines` written into (or, ``accumulate``, added to) ``out``, a map of ``x``'s shape with any
-    strides but unit channel stride; no gradient."""
-    torch.ops.dynamixer_cpu.mix_lines_out(mix, x, columns, accumulate, out)
+    strides but unit channel stride; no gradient. ``softmax``: ``mix`` holds logits, normalised on the fly."""
+    torch.ops.dynamixer_cpu.mix_lines_out(mix, x, columns, accumulate, out, softmax)
 
 
 def mix_lines_backward_into(grad: torch.Tensor, mix: torch.Tensor, x: torch.Tensor, columns: bool,
                             grad_mix: Optional[torch.Tensor], grad_x: Optional[torch.Tensor],
-                            accumulate: bool = False) -> None:
+                            accumulate: bool = False, softmax: bool = False) -> None:
     """Gradients of :func:`mix_lines` for ``grad`` (a map of ``x``'s shape): ``grad_mix`` (contiguous, ``mix``'s
-    shape) written, ``grad_x`` written or (``accumulate``) added to; either may be None."""
-    torch.ops.dynamixer_cpu.mix_lines_backward_out(grad, mix, x, columns, grad_mix, grad_x, accumulate)
+    shape) written, ``grad_x`` written or (``accumulate``) added to; either may be None. ``softmax``: ``mix``
+    holds logits, and ``grad_mix`` gets their gradient."""
+    torch.ops.dynamixer_cpu.mix_lines_backward_out(grad, mix, x, columns, grad_mix, grad_x, accumulate, softmax)
 
 
 class _Reweight(torch.autograd.Function):

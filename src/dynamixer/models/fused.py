@@ -264,21 +264,33 @@ def _as_map(y: torch.Tensor, shape: torch.Size, columns: bool) -> torch.Tensor:
     return y.view(B, W, H, C).transpose(1, 2) if columns else y.view(B, H, W, C)
 
 
-def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...], kernels: Kernels) -> torch.Tensor:
+def _on_cpu_kernels(kernels: Kernels, x: torch.Tensor, mix: torch.Tensor) -> bool:
+    """Whether the C++ mixing kernels mix ``x`` by ``mix`` (eager only: compiled steps call them from
+    :func:`_compiler_branches`), rather than Triton or torch's ops."""
+    mix, x = _as_autocast(mix, x)
+    return (kernels[1] and _eager_cpu(x) and cpu_mix.usable(x, mix)
+            and not (kernels[0] and triton_mix.usable(mix, x)))
+
+
+def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...], kernels: Kernels,
+                  logits: bool = False) -> torch.Tensor:
     """Mixed tokens of every branch as one matrix per branch, ``(K, B * L1 * N, C)``, line-major.
 
-    ``mix`` is ``(K, B, L1, S, N, N)``; all branches run as one batched matmul, and one copy brings the
-    segments back together (row branch: (B, H, W) token order; column branch: (B, W, H)). Where ``kernels``
-    allow, one pass of a hand-written kernel does it all: Triton on CUDA (``triton_mix``), C++ on CPU
-    (``cpu_mix``).
+    ``mix`` is ``(K, B, L1, S, N, N)`` (``logits``: before the softmax); all branches run as one batched matmul,
+    and one copy brings the segments back together (row branch: (B, H, W) token order; column branch:
+    (B, W, H)). Where ``kernels`` allow, one pass of a hand-written kernel does it all: Triton on CUDA
+    (``triton_mix``), C++ on CPU (``cpu_mix``, which also normalises logits as it loads them).
     """
+    on_cpu_kernels = _on_cpu_kernels(kernels, x, mix)
+    if logits and not on_cpu_kernels:
+        mix, logits = softmax(mix), False
     mix, x = _as_autocast(mix, x)
     if kernels[0] and triton_mix.usable(mix, x):
         return triton_mix.mixed_tokens(mix, x, branches)
-    if kernels[1] and _eager_cpu(x) and cpu_mix.usable(x, mix):  # compiled: _compiler_branches
+    if on_cpu_kernels:
         y = x.new_empty(len(branches), x.shape[0] * x.shape[1] * x.shape[2], x.shape[3])
         for k, columns in enumerate(branches):
-            cpu_mix.mix_lines_into(mix[k], x, columns, _as_map(y[k], x.shape, columns))
+            cpu_mix.mix_lines_into(mix[k], x, columns, _as_map(y[k], x.shape, columns), softmax=logits)
         return y
     K, B, L1, S, N, _ = mix.shape
     xs = _stack_segments(x, S, branches)
@@ -296,8 +308,8 @@ def _project(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def _mix_project_forward(mix: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         branches: Tuple[bool, ...], kernels: Kernels) -> torch.Tensor:
-    return _project(_mixed_tokens(mix, x, branches, kernels), weight, bias, mix)
+                         branches: Tuple[bool, ...], kernels: Kernels, logits: bool = False) -> torch.Tensor:
+    return _project(_mixed_tokens(mix, x, branches, kernels, logits), weight, bias, mix)
 
 
 def _keep_mixed_tokens(x: torch.Tensor) -> bool:
@@ -324,21 +336,28 @@ def _weight_grad(a, b) -> torch.Tensor:
 
 
 def _mix_project_backward(grads, mix, x, weight, branches, need_mix: bool, need_x: bool, need_weight: bool,
-                          min_macs: Optional[int], kernels: Kernels, mixed: Optional[torch.Tensor] = None):
-    """Gradients of :func:`_mix_project_forward` (without bias) for ``mix``, ``x`` and ``weight``, from the
-    output gradients ``grads`` (one per branch, or all stacked); ``min_macs`` may allow oneDNN for ``grad @ W``
-    (see :class:`_OneDnnLinear`); ``mixed``: the mixed tokens, if kept. The CPU kernels take the branches one by
-    one; the other paths stack them."""
+                          min_macs: Optional[int], kernels: Kernels, mixed: Optional[torch.Tensor] = None,
+                          logits: bool = False):
+    """Gradients of :func:`_mix_project_forward` (without bias) for ``mix`` (``logits``: the logits' gradient),
+    ``x`` and ``weight``, from the output gradients ``grads`` (one per branch, or all stacked); ``min_macs`` may
+    allow oneDNN for ``grad @ W`` (see :class:`_OneDnnLinear`); ``mixed``: the mixed tokens, if kept. The CPU
+    kernels take the branches one by one; the other paths stack them."""
     K, B, L1, S, N, _ = mix.shape
     grads = [g.reshape(-1, g.shape[-1]) for g in grads]  # K x (B * L1 * N, C)
     grad_mix = grad_x = grad_weight = None
     if need_weight:
-        grad_weight = _weight_grad(grads, _mixed_tokens(mix, x, branches, kernels) if mixed is None else mixed)
+        mixed = _mixed_tokens(mix, x, branches, kernels, logits) if mixed is None else mixed
+        grad_weight = _weight_grad(grads, mixed)
+    probs = None
+    on_cpu_kernels = _on_cpu_kernels(kernels, x, mix) and not torch.is_grad_enabled()  # no create_graph there
+    if (need_mix or need_x) and logits and not on_cpu_kernels:
+        mix = probs = softmax(mix)  # the paths below take probabilities; their gradient goes back through it
+        logits = False
     if need_mix or need_x:
         mix, x = _as_autocast(mix, x)
         c = weight.shape[1] // S
         use_triton = kernels[0] and triton_mix.usable(mix, x)
-        if not use_triton and kernels[1] and _eager_cpu(x) and cpu_mix.usable(x, mix) and not torch.is_grad_enabled():
+        if on_cpu_kernels:
             # (not under create_graph: the kernels have no derivative) grad @ W, line-major as the mixed tokens
             onednn = _onednn_worth_it(grads[0], weight.shape[1], min_macs)
             grad_mix = torch.empty_like(mix) if need_mix else None
@@ -347,7 +366,8 @@ def _mix_project_backward(grads, mix, x, weight, branches, need_mix: bool, need_
                 grad_y = (_onednn_linear(grads[k], weight[k].t().contiguous()) if onednn
                           else grads[k].to(x.dtype) @ weight[k].to(x.dtype))
                 cpu_mix.mix_lines_backward_into(_as_map(grad_y, x.shape, columns), mix[k], x, columns,
-                                                None if grad_mix is None else grad_mix[k], grad_x, accumulate=k > 0)
+                                                None if grad_mix is None else grad_mix[k], grad_x, accumulate=k > 0,
+                                                softmax=logits)
             return grad_mix, grad_x, grad_weight
         grad = torch.stack(grads)  # (K, B * L1 * N, C)
         # grad @ W per branch through oneDNN, written in segment-major order (not under create_graph: no derivative)
@@ -360,6 +380,8 @@ def _mix_project_backward(grads, mix, x, weight, branches, need_mix: bool, need_
             grad_y = torch.bmm(grad, weight)  # (K, B * L1 * N, C): line-major, as the mixed tokens
             if use_triton and grad_y.dtype == x.dtype:
                 grad_mix, grad_x = triton_mix.mixed_tokens_backward(grad_y, mix, x, branches, need_mix, need_x)
+                if probs is not None and grad_mix is not None:
+                    grad_mix = _softmax_backward(grad_mix, probs)
                 return grad_mix, grad_x, grad_weight
             grad_y = grad_y.view(K, -1, L1, N, S, c).transpose(3, 4)
         grad_y = grad_y.reshape(-1, N, c)  # (K * B * L1 * S, N, c)
@@ -372,6 +394,8 @@ def _mix_project_backward(grads, mix, x, weight, branches, need_mix: bool, need_
             for k in range(1, K):
                 grad_x = grad_x + _unsegment(grad_xs[k], branches[k])
             grad_x = grad_x.contiguous()
+    if probs is not None and grad_mix is not None:
+        grad_mix = _softmax_backward(grad_mix, probs)
     return grad_mix, grad_x, grad_weight
 
 
@@ -380,10 +404,10 @@ class _MixProject(torch.autograd.Function):
 
     ``mix``: ``(K, B, L1, S, N, N)``; ``weight``: ``(K, C, C)``; ``bias``: ``(K, C)`` or None; ``branches``: a
     tuple of K flags (False: rows, True: columns). Returns K outputs ``(B, L1, N, C)`` (rows: ``(B, H, W, C)``,
-    columns: ``(B, W, H, C)``), separate so that their gradients need not be stacked. It saves ``P`` and ``x`` for backward (``x`` is kept alive by the compress
-    and channel layers anyway) and, on CPU only, the mixed tokens (:func:`_keep_mixed_tokens`), instead of the
-    two permuted copies per branch that plain autograd keeps (the segment-major input of the bmm and the input of
-    ``proj``); what is not kept is recomputed.
+    columns: ``(B, W, H, C)``), separate so that their gradients need not be stacked. It saves ``P`` and ``x``
+    for backward (``x`` is kept alive by the compress and channel layers anyway) and, on CPU only, the mixed
+    tokens (:func:`_keep_mixed_tokens`), instead of the two permuted copies per branch that plain autograd keeps
+    (the segment-major input of the bmm and the input of ``proj``); what is not kept is recomputed.
     """
 
     @staticmethod
@@ -409,12 +433,17 @@ class _MixProject(torch.autograd.Function):
         return grad_mix, grad_x, grad_weight, grad_bias, None, None, None
 
 
-def softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.Tensor,
-                    dims: Tuple[int, int, int]) -> torch.Tensor:
-    """Generate (one batched matmul for all branches) and normalise: ``(K, B, L1, S, N, N)``."""
+def mixing_logits(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.Tensor,
+                  dims: Tuple[int, int, int]) -> torch.Tensor:
+    """Generate the mixing matrices' logits, one batched matmul for all branches: ``(K, B, L1, S, N, N)``."""
     L1, S, N = dims
-    logits = torch.baddbmm(gen_bias, lines, gen_weight)
-    return softmax(logits.view(lines.shape[0], -1, L1, S, N, N))
+    return torch.baddbmm(gen_bias, lines, gen_weight).view(lines.shape[0], -1, L1, S, N, N)
+
+
+def softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.Tensor,
+                   dims: Tuple[int, int, int]) -> torch.Tensor:
+    """Generate and normalise: the mixing matrices ``(K, B, L1, S, N, N)``."""
+    return softmax(mixing_logits(lines, gen_weight, gen_bias, dims))
 
 
 class _GenerateMixProject(torch.autograd.Function):
@@ -433,10 +462,10 @@ class _GenerateMixProject(torch.autograd.Function):
         ctx.branches, ctx.dims, ctx.min_macs, ctx.kernels = branches, dims, min_macs, kernels
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
-        mix = softmax_mixing(lines, gen_weight, gen_bias, dims)
-        y = _mixed_tokens(mix, x, branches, kernels)
+        logits = mixing_logits(lines, gen_weight, gen_bias, dims)
+        y = _mixed_tokens(logits, x, branches, kernels, logits=True)
         ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight, y if _keep_mixed_tokens(x) else None)
-        return tuple(_project(y, weight, None, mix).unbind(0))
+        return tuple(_project(y, weight, None, logits).unbind(0))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -445,12 +474,12 @@ class _GenerateMixProject(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_lines = grad_gen_weight = grad_gen_bias = None
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
-            mix = softmax_mixing(lines, gen_weight, gen_bias, ctx.dims)
+            logits = mixing_logits(lines, gen_weight, gen_bias, ctx.dims)
             need_mix = need[0] or need[1] or need[2]
-            grad_mix, grad_x, grad_weight = _mix_project_backward(
-                grads, mix, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.min_macs, ctx.kernels, mixed)
+            grad_logits, grad_x, grad_weight = _mix_project_backward(
+                grads, logits, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.min_macs, ctx.kernels, mixed,
+                logits=True)
             if need_mix:
-                grad_logits = _softmax_backward(grad_mix, mix)
                 grad_logits = grad_logits.view(lines.shape[0], lines.shape[1], -1)
                 if need[0]:
                     grad_lines = torch.bmm(grad_logits, gen_weight.transpose(1, 2).to(grad_logits.dtype))
@@ -466,8 +495,8 @@ def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims,
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, gen_weight, gen_bias, x, weight)):
         return _GenerateMixProject.apply(lines, gen_weight, gen_bias, x, weight, branches, dims, _min_macs(fast),
                                          _kernels(fast))
-    return tuple(_mix_project_forward(softmax_mixing(lines, gen_weight, gen_bias, dims), x, weight, None,
-                                      branches, _kernels(fast)).unbind(0))
+    return tuple(_mix_project_forward(mixing_logits(lines, gen_weight, gen_bias, dims), x, weight, None,
+                                      branches, _kernels(fast), logits=True).unbind(0))
 
 
 # ------------------------------------------------------------------------------------------------------------
