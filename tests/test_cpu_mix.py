@@ -189,3 +189,33 @@ def test_from_logits_the_kernels_normalise_and_give_the_logits_gradient(columns)
                               if not columns else grad.transpose(1, 2).unflatten(-1, (3, -1)),
                               x.unflatten(-1, (3, -1)) if not columns else x.transpose(1, 2).unflatten(-1, (3, -1))),
                               atol=1e-3)  # that would be the probabilities' gradient, not the logits'
+
+
+@pytest.mark.parametrize('generation', ['dynamic', 'static'])
+def test_inductor_compiles_the_kernels_into_a_bf16_training_step(generation, monkeypatch):
+    """The recipe's mode for real (inductor, bf16 autocast, training and inference): the kernels' layouts hold up
+    under the compiler (the static matrices come broadcast, stride 0), and the step stays close to the plain
+    modules in fp32."""
+    from dynamixer.models.reference import reference_model
+    calls, mix_lines = [], cpu_mix.mix_lines
+    monkeypatch.setattr(cpu_mix, 'mix_lines', lambda *a, **k: calls.append(1) or mix_lines(*a, **k))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', patch_size=4, depths=(1, 1), embed_dims=(48, 96),
+                              stage_strides=(1, 2), num_segments=(4, 8), num_classes=10, generation=generation)
+    ref = reference_model(model)
+    x = torch.randn(4, 3, 32, 32)
+    compiled = torch.compile(model)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = compiled(x)
+    out.float().sum().backward()
+    assert calls  # traced into the graph
+    expected = ref(x)
+    expected.sum().backward()
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out, expected) < 0.03
+    grads = [rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()) if q.grad.norm() > 0]
+    assert len(grads) > 10 and max(grads) < 0.1
+    model.eval(), ref.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert rel(compiled(x), ref(x)) < 0.03
