@@ -81,11 +81,10 @@ def _cpu_features() -> str:
 def usable(x: torch.Tensor, mix: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`mix_lines` takes a map ``x`` (and ``mix``): CPU, fp32 or bf16 (alike), kernels built.
     Under autocast ``x`` is checked in the dtype the mixing will run in."""
-    dtype = x.dtype
-    if torch.is_autocast_enabled('cpu'):
-        dtype = torch.get_autocast_dtype('cpu')
+    autocast = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else None
+    dtype = autocast or x.dtype
     return (x.device.type == 'cpu' and dtype in (torch.float32, torch.bfloat16)
-            and (mix is None or (mix.device.type == 'cpu' and mix.dtype == x.dtype)) and available())
+            and (mix is None or (mix.device.type == 'cpu' and (autocast or mix.dtype) == dtype)) and available())
 
 
 def mix_lines(mix: torch.Tensor, x: torch.Tensor, columns: bool) -> torch.Tensor:

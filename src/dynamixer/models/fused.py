@@ -266,10 +266,10 @@ def _as_map(y: torch.Tensor, shape: torch.Size, columns: bool) -> torch.Tensor:
 
 def _on_cpu_kernels(kernels: Kernels, x: torch.Tensor, mix: torch.Tensor) -> bool:
     """Whether the C++ mixing kernels mix ``x`` by ``mix`` (eager only: compiled steps call them from
-    :func:`_compiler_branches`), rather than Triton or torch's ops."""
-    mix, x = _as_autocast(mix, x)
+    :func:`_compiler_branches`), rather than Triton or torch's ops (in the dtypes autocast will give them)."""
+    # CPU tensors reach Triton only in its interpreter (tests): only then is the cast worth making
     return (kernels[1] and _eager_cpu(x) and cpu_mix.usable(x, mix)
-            and not (kernels[0] and triton_mix.usable(mix, x)))
+            and not (kernels[0] and triton_mix._INTERPRET and triton_mix.usable(*_as_autocast(mix, x))))
 
 
 def _mixed_tokens(mix: torch.Tensor, x: torch.Tensor, branches: Tuple[bool, ...], kernels: Kernels,
