@@ -31,7 +31,8 @@ def test_cifar_recipe_settings_and_flags_win():
 
 def test_plan_epochs_fits_the_budget():
     # 10 steps an epoch of 1 s, 2 validation batches, 5 steps done after 10 s of a 100 s budget
-    assert plan_epochs(100, 10, 1., 10, 5, 2, 1000) == 7  # 1 + floor(0.98 * (100 - 10 - 7 - 1) / 13)
+    # 1 + floor((0.98 * (100 - 10 - 7 - 1) - 13 / 2) / 13): half an epoch to spare
+    assert plan_epochs(100, 10, 1., 10, 5, 2, 1000) == 6
     assert plan_epochs(100, 10, 1., 10, 5, 2, 4) == 4  # --epochs caps it
     assert plan_epochs(10, 9, 1., 10, 5, 2, 1000) == 1  # never less than the epoch under way
     more = [plan_epochs(b, 10, 1., 10, 5, 2, 1000) for b in (100, 200, 400)]
@@ -54,17 +55,23 @@ def test_replan_follows_the_machine_and_grows_one_epoch_at_a_time_in_the_second_
                       logged.append)
         return cfg.epochs
 
-    # first half, 4 s an epoch: the mean epoch since the plan sets the end (86 s left fit 21 more)
-    assert after_epoch(2, 14.) == 2 + int(0.98 * 86 // 4) == 23
-    assert all(after_epoch(e, 10. + 4 * (e - 1)) == 23 for e in range(3, 13))  # steady: no change
+    # first half, 4 s an epoch: the mean epoch since the plan sets the end (86 s left fit 20 more and a half)
+    assert after_epoch(2, 14.) == 2 + int((0.98 * 86 - 2) // 4) == 22
+    assert all(after_epoch(e, 10. + 4 * (e - 1)) == 22 for e in range(3, 13))  # steady: no change
     # second half, the machine now 2 s an epoch: the last 3 epochs' mean says more fit; one epoch more each time
-    assert [after_epoch(e, t) for e, t in ((13, 56.), (14, 58.), (15, 60.))] == [24, 25, 26]
+    assert [after_epoch(e, t) for e, t in ((13, 56.), (14, 58.), (15, 60.))] == [23, 24, 25]
     # a slow spell (a 10 s epoch): shorter at once, as far as the recent speed needs
-    assert after_epoch(16, 70.) == 16 + int(0.98 * 30 // (14 / 3)) == 22
+    assert after_epoch(16, 70.) == 16 + int((0.98 * 30 - 14 / 6) // (14 / 3)) == 21
     # the last epoch's flip TTA costs about two validations more (two views): kept out of the time left
     cfg.tta, budget.val_s = 'flip', 5.
-    assert after_epoch(17, 75.) == 17 + int(0.98 * (100 - 75 - 2 * 5) // (17 / 3)) == 19
+    assert after_epoch(17, 75.) == 17 + int((0.98 * (100 - 75 - 2 * 5) - 17 / 6) // (17 / 3)) == 19
     assert len(logged) == 6 and all('time budget' in line for line in logged)
+    # the epoch before the last ran long: less than half an epoch to spare now, but the last one still fits, so
+    # the schedule keeps it and ends with its cosine (6.7 s an epoch, 10 s left); when it no longer fits, it ends
+    before = (list(budget.epoch_ends), list(logged))
+    assert after_epoch(18, 80.) == 19 and logged == before[1]
+    budget.epoch_ends = before[0]
+    assert after_epoch(18, 84.) == 18 and 'ends after epoch 18 (was 19)' in logged[-1]
 
 
 def test_short_time_budget_ends_on_time_with_a_finished_schedule(tmp_path, capsys):

@@ -265,7 +265,13 @@ def plan_epochs(budget_s: float, elapsed_s: float, step_s: float, steps_per_epoc
     (a validation batch is counted as one step, plus a second per epoch for checkpoint and plots)."""
     epoch_s = (steps_per_epoch + val_batches) * step_s + 1.
     left = budget_s - elapsed_s - (steps_per_epoch - steps_done + val_batches) * step_s - 1.
-    return int(max(1, min(max_epochs, 1 + math.floor(0.98 * left / epoch_s))))
+    return int(max(1, min(max_epochs, 1 + whole_epochs_in(left, epoch_s))))
+
+
+def whole_epochs_in(left_s: float, epoch_s: float, spare: float = 0.5) -> int:
+    """Whole epochs that fit in the time left with ``spare`` epochs to spare (and 2% of the time kept back):
+    epoch times jitter, and a schedule whose last epoch no longer fits must stop before its cosine has ended."""
+    return max(0, math.floor((0.98 * left_s - spare * epoch_s) / epoch_s))
 
 
 def tensor_loaders(cfg, splits, model: nn.Module, data_config: Dict[str, Any], crop: str, hflip: float,
@@ -597,7 +603,9 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                              device=device)
         if ddp:
             dist.all_reduce(stats)
+        t_val = time.time()
         val = validated()
+        budget.val_s = time.time() - t_val  # the last epoch's TTA costs about this for each of its views
         record = dict(epoch=state.epoch + 1, train_loss=stats[0].item() / max(stats[1].item(), 1),
                       val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'], val_images=val['count'],
                       lr=opt.optimizer.param_groups[-1]['lr'], img_per_sec=stats[2].item() / max(train_time, 1e-9),
@@ -660,9 +668,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                     and state.step_in_epoch < steps_per_epoch:
                 save_checkpoint(state.epoch, state.step_in_epoch)
         bar.close()
-        t_val = time.time()
-        validate_and_save(t_val - t0, state.running['samples'] - seen_before)
-        budget.val_s = time.time() - t_val  # the flip TTA of the last epoch costs about one more
+        validate_and_save(time.time() - t0, state.running['samples'] - seen_before)
         state.epoch += 1
         replan_budget(cfg, state, budget, t_start, set_epochs, log)
 
@@ -710,9 +716,9 @@ def replan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, t_start:
     In the schedule's first half (the learning rate near its peak, where one more epoch barely moves it) from the
     mean whole epoch (validation included) since the first plan, longer or shorter, so that a slow spell early
     does not cost epochs for good. In the second half from the last RECENT_EPOCHS epochs (the machine's speed
-    now): shorter as far as needed, longer by one epoch at a time and only with half an epoch to spare (epoch
-    times jitter), so that time left by a slow spell that has passed is still used while the cosine's tail moves
-    only a little."""
+    now): shorter as far as needed, longer by one epoch at a time, so that time left by a slow spell that has
+    passed is still used while the cosine's tail moves only a little. Plans keep half an epoch to spare, except
+    that one more epoch that still fits is never cut: the schedule ends with its cosine."""
     now = time.time()
     if budget.planned_at is None and state.planned:
         budget.planned_at = (state.epoch, now)  # epochs after this one show the steady speed
@@ -724,13 +730,14 @@ def replan_budget(cfg, state: SimpleNamespace, budget: SimpleNamespace, t_start:
     left_s = cfg.time_budget * 60 - (now - t_start) - (budget.val_s * TTA_VIEWS[cfg.tta] if cfg.tta != 'none' else 0.)
     if state.epoch == budget.planned_at[0] + 1 or 2 * state.epoch <= cfg.epochs:
         epoch_s = (now - budget.planned_at[1]) / (state.epoch - budget.planned_at[0])
-        fits = min(budget.cap, state.epoch + int(0.98 * left_s // epoch_s))
+        fits = min(budget.cap, state.epoch + whole_epochs_in(left_s, epoch_s))
     else:
         recent = budget.epoch_ends[-RECENT_EPOCHS - 1:]
         epoch_s = (recent[-1] - recent[0]) / (len(recent) - 1)
-        fits = min(cfg.epochs, state.epoch + int(0.98 * left_s // epoch_s))
-        if state.epoch + int((0.98 * left_s - epoch_s / 2) // epoch_s) > cfg.epochs:  # half an epoch to spare
-            fits = min(budget.cap, cfg.epochs + 1)
+        fits = state.epoch + whole_epochs_in(left_s, epoch_s)
+        fits = min(budget.cap, cfg.epochs + 1) if fits > cfg.epochs else fits
+    if fits <= state.epoch and whole_epochs_in(left_s, epoch_s, spare=0.) >= 1:
+        fits = state.epoch + 1  # the last epoch still fits, with less to spare: the cosine gets to its end
     if fits != cfg.epochs:
         log(f'time budget: a whole epoch takes {epoch_s:.0f}s, so the schedule now ends after epoch '
             f'{max(fits, state.epoch)} (was {cfg.epochs})')
