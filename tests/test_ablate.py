@@ -122,6 +122,14 @@ def test_bad_grids_give_one_line(folder, tmp_path, capsys):
     code, err = _cli(tmp_path, capsys, '--grid', str(path))
     assert code == 2 and "variant 'odd' does not build" in err and len(err.splitlines()) == 1
 
+    for claims, message in (([{'claim': 'x', 'better': 'base', 'worse': 'statik'}], "names 'statik', not a variant"),
+                            ([{'claim': 'x', 'better': 'base'}], 'needs claim: (its text) and one of better/worse'),
+                            ([{'claim': 'x', 'slower': 'base', 'than': 'static', 'by': [20, 25]}], 'fractions'),
+                            ({'claim': 'x'}, 'claims must be a list')):
+        path.write_text(yaml.safe_dump(dict(grid(folder), claims=claims)))
+        code, err = _cli(tmp_path, capsys, '--grid', str(path))
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
     path.write_text('model: [unclosed')
     code, err = _cli(tmp_path, capsys, '--grid', str(path))
     assert code == 2 and 'not valid YAML' in err
@@ -183,8 +191,10 @@ def test_no_train_tabulates_what_is_finished_and_throughput_is_side_by_side(fold
     assert ablate.run_grid(grid(folder, variants={}), str(out), log=lambda *_: None)['failed'] == 0
     monkeypatch.setattr(ablate, '_train', lambda *a, **k: pytest.fail('--no-train trained'))
     lines = []
-    result = ablate.run_grid(grid(folder, variants={'sum': {'fusion': 'sum'}, 'mixer': dict(PEER)}), str(out),
-                             train_missing=False, throughput=dict(batch_size=4, warmup=1, iters=2),
+    claims = [dict(claim='re-weighting beats a sum', better='base', worse='sum'),
+              dict(claim='the mixer trains slower', slower='mixer', than='base', by=[0.0, 0.99])]
+    result = ablate.run_grid(grid(folder, variants={'sum': {'fusion': 'sum'}, 'mixer': dict(PEER)}, claims=claims),
+                             str(out), train_missing=False, throughput=dict(batch_size=4, warmup=1, iters=2),
                              log=lines.append)
     assert [r['status'] for r in result['runs']] == ['reused', 'missing', 'missing']
     assert not (out / 'runs' / 'sum' / 'seed0' / 'metrics.jsonl').exists()
@@ -195,6 +205,9 @@ def test_no_train_tabulates_what_is_finished_and_throughput_is_side_by_side(fold
     text = (out / 'results.md').read_text()
     assert 'controlled train img/s' in text and '| 1.00x |' in text
     assert '| sum | fusion=sum | — |' in text and 'n/a' in text
+    # the claims close the results: the sum has no run yet; the throughput claim is judged on the controlled speeds
+    assert [v['verdict'] for v in result['claims']][0] == 'pending' and '## Claims' in text
+    assert result['claims'][1]['verdict'] in ('holds', 'reversed', 'not seen') and '| re-weighting beats a sum |' in text
     assert [r['variant'] for r in csv.DictReader(open(out / 'runs.csv'))] == ['base']
 
 
@@ -233,3 +246,35 @@ def test_tables_show_the_runs_tta_and_keep_their_columns(tmp_path):
             assert '| 55.00 ± 4.24 (52.00–58.00) |' in lines[2]  # base: 52 and 58
             assert lines[3].count('n/a') == 1  # static measured no TTA
         assert '| 52.00 ± 2.83 (50.00–54.00) |' in lines[2]
+
+
+def test_claims_are_judged_against_the_noise_floor_of_the_runs(tmp_path):
+    """Mean final top-1 differences against two standard errors (binomial on the held-out images plus the pooled
+    seed variance); 'loses little' claims fail only on a clear loss; slowdowns from the controlled throughput."""
+    def row(name, runs, mean, std, speed=float('nan')):
+        return dict(variant=name, runs=runs, final_top1_mean=mean, final_top1_std=std, val_images=5000,
+                    train_img_per_sec_controlled=speed)
+    table = [row('base', 2, 80., 0.5, 100.), row('static', 2, 77., 0.3, 120.), row('d=1', 1, 79., 0.),
+             row('vip', 2, 79.5, 0.4, 80.), row('mixer', 0, float('nan'), float('nan'), 50.)]
+    seed_var = (0.5 ** 2 + 0.3 ** 2 + 0.4 ** 2) / 3  # pooled over the variants with two runs (one dof each)
+    assert ablate.run_noise(table) == (pytest.approx(seed_var), 5000)
+    floor = 2 * ((0.8 * 0.2 / 5000 * 1e4 + seed_var) / 2 + (0.77 * 0.23 / 5000 * 1e4 + seed_var) / 2) ** 0.5
+    claims = [dict(claim='dynamic beats static', better='base', worse='static'),
+              dict(claim='static beats dynamic', better='static', worse='base'),
+              dict(claim='base beats d=1', better='base', worse='d=1'),
+              dict(claim='vip loses little', loses_little='vip', against='base'),
+              dict(claim='static loses little', loses_little='static', against='base'),
+              dict(claim='mixer beats base', better='mixer', worse='base'),
+              dict(claim='vip 14-25% slower', slower='vip', than='base', by=[0.14, 0.25]),
+              dict(claim='static slower', slower='static', than='base', by=[0.14, 0.25]),
+              dict(claim='mixer 14-25% slower', slower='mixer', than='base', by=[0.14, 0.25]),
+              dict(claim='d=1 slower', slower='d=1', than='base', by=[0.1, 0.2])]
+    verdicts = ablate.judge_claims(claims, table)
+    assert verdicts[0]['delta'] == pytest.approx(3.) and verdicts[0]['floor'] == pytest.approx(floor)
+    assert floor < 3. and [v['verdict'] for v in verdicts] == [
+        'holds', 'reversed', 'not seen', 'holds', 'reversed', 'pending', 'holds', 'reversed', 'not seen', 'pending']
+    assert verdicts[6]['delta'] == pytest.approx(0.2)
+    lines = ablate.claims_section(verdicts, table)
+    rows = [line for line in lines if line.startswith('| ')]
+    assert len(rows) == 1 + len(claims) and '| +3.00 |' in rows[1] and f'| {floor:.2f} | holds |' in rows[1]
+    assert '20.0% slower' in rows[7] and ablate.claims_section([], table) == []

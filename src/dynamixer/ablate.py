@@ -17,7 +17,8 @@ metrics.jsonl and model/, so it can be inspected, visualised or resumed), run se
 seed, then every variant's second. Finished runs are reused, unfinished
 ones resumed. The results go to ``OUTPUT/results.md``, ``results.csv`` (one row per variant: params, GMACs,
 train img/s, best and final val top-1 with mean, std and min-max over seeds), ``runs.csv`` (one row per run)
-and ``accuracy.png`` (best val top-1 against params and against GMACs).
+and ``accuracy.png`` (best val top-1 against params and against GMACs). A grid may list ``claims`` to judge
+against the noise floor of its runs (``judge_claims``); their verdicts close ``results.md``.
 
 Example grid::
 
@@ -37,6 +38,9 @@ A real-budget grid with peers (docs/ablations.md)::
     variants:
       vip: {token_mixer: permute}
       mixer: {model: mixer_s16_224, img_size: 32, patch_size: 4, embed_dim: 160, num_blocks: 9}
+    claims:
+      - {claim: "content-dependent generation beats static matrices", better: base, worse: generation=static}
+      - {claim: "DynaMixer trains 14-25% slower than ViP", slower: base, than: vip, by: [0.14, 0.25]}
 """
 import argparse
 import csv
@@ -56,7 +60,9 @@ __all__ = ['load_grid', 'expand_grid', 'run_grid', 'is_finished', 'train_command
 
 KNOB_ALIASES = {'S': 'num_segments', 'd': 'reduced_dims', 'segments': 'num_segments', 'reduced_dim': 'reduced_dims'}
 SHORT_NAMES = {'num_segments': 'S', 'reduced_dims': 'd'}
-GRID_KEYS = ('model', 'base', 'train', 'seeds', 'variants', 'axes', 'base_name')
+GRID_KEYS = ('model', 'base', 'train', 'seeds', 'variants', 'axes', 'base_name', 'claims')
+# The forms a claim can take in a grid's ``claims:`` list, besides its ``claim:`` text (``judge_claims``).
+CLAIM_FORMS = (('better', 'worse'), ('loses_little', 'against'), ('slower', 'than', 'by'))
 RUN_CONFIG = 'ablate_run.json'
 
 
@@ -309,7 +315,7 @@ def _summarise_run(run_dir: Path) -> Dict[str, Any]:
                 final_top1_tta=rows[-1].get('val_top1_tta'),  # the recipe's last-epoch TTA, where it ran
                 final_top5=rows[-1].get('val_top5'), final_val_loss=rows[-1].get('val_loss'),
                 img_per_sec=statistics.mean(speeds) if speeds else float('nan'), epochs=len(rows),
-                wall_min=rows[-1].get('wall_min'), num_classes=num_classes)
+                wall_min=rows[-1].get('wall_min'), num_classes=num_classes, val_images=rows[-1].get('val_images'))
 
 
 def controlled_throughput(variants: List[Dict[str, Any]], num_classes: Optional[int] = None,
@@ -340,6 +346,7 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
     measure the variants' throughput side by side if asked (``controlled_throughput``'s keyword arguments), then
     write the tables and the plot."""
     model, base, variants = expand_grid(grid)
+    claims = check_claims(grid.get('claims'), variants)
     train = dict(grid.get('train') or {})
     data = train.get('data')
     if not data:
@@ -406,11 +413,12 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
     if throughput is not None:
         speeds = controlled_throughput(variants, num_classes, log=log, **throughput)
     table = summarise(variants, results, num_classes, speeds)
-    write_results(out, model, base, train, table, [r for r in results if r['status'] != 'missing'])
+    verdicts = judge_claims(claims, table)
+    write_results(out, model, base, train, table, [r for r in results if r['status'] != 'missing'], verdicts)
     failed = [r for r in results if r['status'] == 'failed']
     log(f'wrote {out / "results.md"}, {out / "results.csv"}, {out / "runs.csv"}, {out / "accuracy.png"}'
         + (f'; {len(failed)} run(s) failed' if failed else ''))
-    return dict(variants=variants, runs=results, table=table, failed=len(failed))
+    return dict(variants=variants, runs=results, table=table, claims=verdicts, failed=len(failed))
 
 
 def run_budget(train: Dict[str, Any]) -> Tuple[Optional[int], Optional[float]]:
@@ -462,8 +470,112 @@ def summarise(variants: List[Dict[str, Any]], results: List[Dict[str, Any]], num
             train_img_per_sec_controlled=(speeds or {}).get(v['name'], {}).get('train', float('nan')),
             inference_img_per_sec_controlled=(speeds or {}).get(v['name'], {}).get('inference', float('nan')),
             **{f'best_top1_{k}': x for k, x in best.items()}, **{f'final_top1_{k}': x for k, x in final.items()},
-            tta_runs=len(with_tta), **{f'final_tta_top1_{k}': x for k, x in _stats(with_tta).items()}))
+            tta_runs=len(with_tta), **{f'final_tta_top1_{k}': x for k, x in _stats(with_tta).items()},
+            val_images=min((r['val_images'] for r in done if r.get('val_images')), default=None)))
     return table
+
+
+def check_claims(claims: Any, variants: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The grid's ``claims:`` list, each checked: a known form (``CLAIM_FORMS``) naming variants of the grid."""
+    if claims is None:
+        return []
+    forms = ', '.join('/'.join(form) for form in CLAIM_FORMS)
+    if not isinstance(claims, list):
+        raise ValueError(f'claims must be a list of mappings with claim: and one of {forms}; got {claims!r}.')
+    names = {v['name'] for v in variants}
+    checked = []
+    for i, item in enumerate(claims):
+        keys = set(item) - {'claim'} if isinstance(item, dict) else set()
+        form = next((f for f in CLAIM_FORMS if set(f) == keys), None)
+        if not isinstance(item, dict) or not item.get('claim') or form is None:
+            raise ValueError(f'claim {i + 1} ({item!r}) needs claim: (its text) and one of {forms}.')
+        unknown = [str(item[k]) for k in form if k != 'by' and str(item[k]) not in names]
+        if unknown:
+            raise ValueError(f'claim {i + 1} names {", ".join(map(repr, unknown))}, not a variant of this grid; '
+                             f'variants: {", ".join(sorted(names))}.')
+        if 'by' in form and not (isinstance(item['by'], list) and len(item['by']) == 2
+                                 and 0 <= item['by'][0] <= item['by'][1] < 1):
+            raise ValueError(f'claim {i + 1}: by: must be [low, high], fractions from 0 to 1, got {item["by"]!r}.')
+        checked.append({k: (str(v) if k not in ('by', 'claim') else v) for k, v in item.items()})
+    return checked
+
+
+def run_noise(table: List[Dict[str, Any]]) -> Tuple[float, Optional[int]]:
+    """(the seed variance of final top-1 pooled over every variant with several runs, in points squared; the
+    held-out images per run)."""
+    dof = sum(r['runs'] - 1 for r in table if r['runs'] > 1)
+    pooled = sum((r['runs'] - 1) * r['final_top1_std'] ** 2 for r in table if r['runs'] > 1) / dof if dof else 0.
+    return pooled, min((r['val_images'] for r in table if r.get('val_images')), default=None)
+
+
+def judge_claims(claims: List[Dict[str, Any]], table: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A verdict per claim: ``holds``, ``reversed`` or ``not seen`` (``pending`` while a side has no runs).
+
+    Accuracy claims compare mean final top-1 over seeds against a noise floor of two standard errors of the
+    difference, where one run's variance is the binomial variance of its held-out accuracy plus the seed variance
+    pooled over the grid (``run_noise``). ``better``/``worse``: holds when the difference clears the floor,
+    reversed when it clears it the other way, not seen in between. ``loses_little``/``against``: holds unless
+    the first is below the second by more than the floor (then reversed). ``slower``/``than``/``by``: the
+    controlled training throughputs' slowdown, holds inside ``by``, reversed when the first is the faster, not seen
+    otherwise."""
+    rows = {r['variant']: r for r in table}
+    seed_var, images = run_noise(table)
+    verdicts = []
+    for c in claims:
+        if 'slower' in c:
+            a, b = rows[c['slower']], rows[c['than']]
+            slowdown = 1 - a['train_img_per_sec_controlled'] / b['train_img_per_sec_controlled']
+            low, high = c['by']
+            verdict = ('pending' if math.isnan(slowdown) else 'holds' if low <= slowdown <= high
+                       else 'reversed' if slowdown < 0 else 'not seen')
+            verdicts.append(dict(c, sides=(c['slower'], c['than']), delta=slowdown, floor=None, verdict=verdict))
+            continue
+        first, second = (c['better'], c['worse']) if 'better' in c else (c['loses_little'], c['against'])
+        a, b = rows[first], rows[second]
+        if not (a['runs'] and b['runs']):
+            verdicts.append(dict(c, sides=(first, second), delta=float('nan'), floor=float('nan'), verdict='pending'))
+            continue
+
+        def mean_var(row: Dict[str, Any]) -> float:
+            p = row['final_top1_mean'] / 100
+            binomial = p * (1 - p) / images * 1e4 if images else 0.
+            return (binomial + seed_var) / row['runs']
+
+        delta = a['final_top1_mean'] - b['final_top1_mean']
+        floor = 2 * math.sqrt(mean_var(a) + mean_var(b))
+        if 'better' in c:
+            verdict = 'holds' if delta >= floor else 'reversed' if delta <= -floor else 'not seen'
+        else:
+            verdict = 'reversed' if delta <= -floor else 'holds'
+        verdicts.append(dict(c, sides=(first, second), delta=delta, floor=floor, verdict=verdict))
+    return verdicts
+
+
+def claims_section(verdicts: List[Dict[str, Any]], table: List[Dict[str, Any]]) -> List[str]:
+    """The Markdown lines of the claims table (empty without claims)."""
+    if not verdicts:
+        return []
+    seed_var, images = run_noise(table)
+    lines = ['', '## Claims', '',
+             f'Noise floor: two standard errors of the difference of two means over seeds; one run\'s variance is '
+             f'the binomial variance of its held-out top-1 ({images or "?"} images) plus the seed variance pooled '
+             f'over the grid ({math.sqrt(seed_var):.2f} points std). A claim that one variant beats another holds '
+             f'when the difference clears the floor, is reversed when it clears it the other way, and is not seen '
+             f'in between; a claim that a change loses little holds unless its loss clears the floor; a speed '
+             f'claim holds when the controlled training slowdown lies in the claimed range.',
+             '', '| claim | compared | difference | noise floor | verdict |', '|---|---|---:|---:|---|']
+    for v in verdicts:
+        if v['floor'] is None:
+            low, high = v['by']
+            compared = f'training img/s: {v["sides"][0]} against {v["sides"][1]} (claimed {low:.0%}-{high:.0%} slower)'
+            delta = 'n/a' if math.isnan(v['delta']) else f'{v["delta"]:.1%} slower'
+            lines.append(f'| {v["claim"]} | {compared} | {delta} | — | {v["verdict"]} |')
+            continue
+        compared = f'final top-1: {v["sides"][0]} − {v["sides"][1]}'
+        delta = 'n/a' if math.isnan(v['delta']) else f'{v["delta"]:+.2f}'
+        floor = 'n/a' if math.isnan(v['floor']) else f'{v["floor"]:.2f}'
+        lines.append(f'| {v["claim"]} | {compared} | {delta} | {floor} | {v["verdict"]} |')
+    return lines
 
 
 def _fmt_acc(row: Dict[str, Any], which: str, runs: str = 'runs') -> str:
@@ -477,7 +589,8 @@ def _fmt_acc(row: Dict[str, Any], which: str, runs: str = 'runs') -> str:
 
 
 def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, Any],
-                  table: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> None:
+                  table: List[Dict[str, Any]], results: List[Dict[str, Any]],
+                  verdicts: Optional[List[Dict[str, Any]]] = None) -> None:
     fields = list(table[0].keys())
     with open(out / 'results.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -526,6 +639,7 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
                      f'{row["inference_img_per_sec_controlled"]:.0f} |')
         line += f' {_fmt_acc(row, "final")} |' + (f' {_fmt_acc(row, "final_tta", "tta_runs")} |' if tta else '')
         lines.append(line + f' {_fmt_acc(row, "best")} |')
+    lines += claims_section(verdicts or [], table)
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
     plot(out / 'accuracy.png', table,
          title=f'{model} ablation: final val top-1 (bars: min-max over seeds; dashed line and band: base)')
