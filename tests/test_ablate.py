@@ -277,4 +277,4 @@ def test_claims_are_judged_against_the_noise_floor_of_the_runs(tmp_path):
     lines = ablate.claims_section(verdicts, table)
     rows = [line for line in lines if line.startswith('| ')]
     assert len(rows) == 1 + len(claims) and '| +3.00 |' in rows[1] and f'| {floor:.2f} | holds |' in rows[1]
-    assert '20.0% slower' in rows[7] and ablate.claims_section([], table) == []
+    assert '20.0% slower' in rows[7] and '20.0% faster' in rows[8] and ablate.claims_section([], table) == []

@@ -568,7 +568,8 @@ def claims_section(verdicts: List[Dict[str, Any]], table: List[Dict[str, Any]]) 
         if v['floor'] is None:
             low, high = v['by']
             compared = f'training img/s: {v["sides"][0]} against {v["sides"][1]} (claimed {low:.0%}-{high:.0%} slower)'
-            delta = 'n/a' if math.isnan(v['delta']) else f'{v["delta"]:.1%} slower'
+            delta = ('n/a' if math.isnan(v['delta']) else f'{v["delta"]:.1%} slower' if v['delta'] >= 0
+                     else f'{-v["delta"]:.1%} faster')
             lines.append(f'| {v["claim"]} | {compared} | {delta} | — | {v["verdict"]} |')
             continue
         compared = f'final top-1: {v["sides"][0]} − {v["sides"][1]}'
