@@ -145,3 +145,22 @@ def test_wrong_weights_file_is_a_clear_error(tmp_path):
         timm.create_model('dynamixer_cifar_t', pretrained=True)
     with pytest.raises(ValueError, match='no pretrained weights'):
         timm.create_model('dynamixer_cifar_xs.untrained', pretrained=True)
+
+
+def test_a_schedule_the_budget_cuts_still_gets_its_last_epoch_tta(tmp_path, monkeypatch, capsys):
+    """When a slow epoch makes the planner end the schedule at the epoch just validated, that epoch is the run's
+    last: it gets the TTA measurement all the same (logged and in metrics.jsonl)."""
+    import dynamixer.train as train_module
+
+    def cut_after_first(cfg, state, budget, t_start, set_epochs, log):
+        if state.epoch == 1:
+            set_epochs(1)
+    monkeypatch.setattr(train_module, 'replan_budget', cut_after_first)
+    data = make_image_folder(tmp_path / 'data' / 'train', per_class=8, size=8)
+    out = tmp_path / 'run'
+    code = cli.main(['train', '--data', str(data.parent), '--val-split', '0.25', '--output', str(out), '--no-progress',
+                     *TINY_MODEL, '--img-size', '8', '--batch-size', '4', '--epochs', '3', '--tta', 'flip'])
+    assert code == 0
+    history = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert len(history) == 1 and 0 <= history[0]['val_top1_tta'] <= 100 and history[0]['tta'] == 'flip'
+    assert 'epoch 1  val_top1 with flip TTA' in capsys.readouterr().out

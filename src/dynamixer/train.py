@@ -597,6 +597,13 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                 dist.all_reduce(t)
         return summarize(sums)
 
+    def add_tta(record: Dict[str, Any]) -> str:
+        """The last epoch's held-out metrics with the test-time augmentation, into its record; what to log."""
+        augmented = validated(cfg.tta)
+        record.update(val_top1_tta=augmented['top1'], val_loss_tta=augmented['loss'], tta=cfg.tta,
+                      wall_min=(time.time() - t_start) / 60)
+        return f'  val_top1 with {cfg.tta} TTA {augmented["top1"]:.2f}%'
+
     def validate_and_save(train_time: float, seen: int) -> None:
         """Validate, reduce over ranks, log, save the model, metrics and checkpoint."""
         stats = torch.tensor([state.running['loss_sum'], state.running['samples'], seen], dtype=torch.float64,
@@ -610,12 +617,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
                       val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'], val_images=val['count'],
                       lr=opt.optimizer.param_groups[-1]['lr'], img_per_sec=stats[2].item() / max(train_time, 1e-9),
                       epoch_time=train_time, wall_min=(time.time() - t_start) / 60)
-        tta = ''
-        if cfg.tta != 'none' and state.epoch + 1 == cfg.epochs:
-            augmented = validated(cfg.tta)
-            record.update(val_top1_tta=augmented['top1'], val_loss_tta=augmented['loss'], tta=cfg.tta,
-                          wall_min=(time.time() - t_start) / 60)
-            tta = f'  val_top1 with {cfg.tta} TTA {augmented["top1"]:.2f}%'
+        tta = add_tta(record) if cfg.tta != 'none' and state.epoch + 1 == cfg.epochs else ''
         state.history.append(record)
         log(f'epoch {state.epoch + 1}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}  val_loss {val["loss"]:.4f}'
             f'  val_top1 {val["top1"]:.2f}%  val_top5 {val["top5"]:.2f}%  lr {record["lr"]:.2e}  '
@@ -672,6 +674,11 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         state.epoch += 1
         replan_budget(cfg, state, budget, t_start, set_epochs, log)
 
+    if cfg.tta != 'none' and state.history and 'val_top1_tta' not in state.history[-1]:
+        # the budget ended the schedule at the epoch just validated: its TTA measurement is still the run's last
+        log(f'epoch {state.history[-1]["epoch"]}{add_tta(state.history[-1])}')
+        if master:
+            write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in state.history))
     if ddp:  # data parallelism must end with identical replicas: say so, or stop loudly
         dist.barrier()  # rank 0 has written everything before anyone reports done
         hashes = [None] * world
