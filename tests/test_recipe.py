@@ -149,7 +149,8 @@ def test_wrong_weights_file_is_a_clear_error(tmp_path):
 
 def test_a_schedule_the_budget_cuts_still_gets_its_last_epoch_tta(tmp_path, monkeypatch, capsys):
     """When a slow epoch makes the planner end the schedule at the epoch just validated, that epoch is the run's
-    last: it gets the TTA measurement all the same (logged and in metrics.jsonl)."""
+    last: it gets the TTA measurement all the same (logged, in metrics.jsonl and in the checkpoint, so that a
+    --resume of the finished run keeps it instead of measuring again)."""
     import dynamixer.train as train_module
 
     def cut_after_first(cfg, state, budget, t_start, set_epochs, log):
@@ -164,3 +165,7 @@ def test_a_schedule_the_budget_cuts_still_gets_its_last_epoch_tta(tmp_path, monk
     history = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert len(history) == 1 and 0 <= history[0]['val_top1_tta'] <= 100 and history[0]['tta'] == 'flip'
     assert 'epoch 1  val_top1 with flip TTA' in capsys.readouterr().out
+    saved = torch.load(out / 'checkpoint.pth', weights_only=False)
+    assert saved['history'][-1]['val_top1_tta'] == history[0]['val_top1_tta'] and saved['epoch'] == 1
+    assert cli.main(['train', '--output', str(out), '--resume', '--no-progress']) == 0  # finished: nothing to redo
+    assert 'TTA' not in capsys.readouterr().out

@@ -627,9 +627,12 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
             if val['top1'] > state.best_top1 or cfg.save_model == 'last':
                 state.best_top1 = max(state.best_top1, val['top1'])
                 save_model_dir(opt.ema.module if opt.ema is not None else raw_model, out / 'model', data.classes)
-            write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in state.history))
-            plot_curves(state.history, out / 'curves.png')
+            write_history()
         save_checkpoint(state.epoch + 1, 0)
+
+    def write_history() -> None:
+        write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in state.history))
+        plot_curves(state.history, out / 'curves.png')
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f'{cfg.model}: {n_params / 1e6:.2f}M parameters, input {tuple(data.data_config["input_size"])}; '
@@ -678,7 +681,8 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         # the budget ended the schedule at the epoch just validated: its TTA measurement is still the run's last
         log(f'epoch {state.history[-1]["epoch"]}{add_tta(state.history[-1])}')
         if master:
-            write_text(out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in state.history))
+            write_history()
+        save_checkpoint(state.epoch, 0)  # with the TTA in its history, a --resume of the finished run keeps it
     if ddp:  # data parallelism must end with identical replicas: say so, or stop loudly
         dist.barrier()  # rank 0 has written everything before anyone reports done
         hashes = [None] * world
