@@ -278,3 +278,22 @@ def test_claims_are_judged_against_the_noise_floor_of_the_runs(tmp_path):
     rows = [line for line in lines if line.startswith('| ')]
     assert len(rows) == 1 + len(claims) and '| +3.00 |' in rows[1] and f'| {floor:.2f} | holds |' in rows[1]
     assert '20.0% slower' in rows[7] and '20.0% faster' in rows[8] and ablate.claims_section([], table) == []
+
+
+def test_plot_adds_a_controlled_speed_panel_and_log_scales_a_wide_axis(tmp_path, monkeypatch):
+    """Peers that cost 3x the GMACs go on a log axis; the speed panel appears only once speed was measured."""
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', lambda fig, *a, **k: figures.append(fig))
+
+    def row(name, params, gmacs, speed, top1):
+        return dict(variant=name, runs=2, params=params, gmacs=gmacs, train_img_per_sec_controlled=speed,
+                    final_top1_mean=top1, final_top1_min=top1 - 0.2, final_top1_max=top1 + 0.2)
+    table = [row('base', 2.0e6, 0.044, 600., 77.), row('mixer', 1.96e6, 0.133, 310., 61.)]
+    ablate.plot(tmp_path / 'a.png', table)
+    table = [dict(r, train_img_per_sec_controlled=float('nan')) for r in table]
+    ablate.plot(tmp_path / 'b.png', table)
+    measured, unmeasured = ([(ax.get_xlabel(), ax.get_xscale()) for ax in f.axes] for f in figures)
+    assert measured == [('parameters (M)', 'linear'), ('GMACs (batch 1)', 'log'),
+                        ('training img/s (controlled)', 'linear')]
+    assert unmeasured == measured[:2]

@@ -647,30 +647,41 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
 
 
 def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
-    """Final val top-1 (mean, min-max bars) against params and against GMACs, one point per variant."""
+    """Final val top-1 (mean, min-max bars) against params, GMACs and, when measured, controlled training
+    throughput: one point per variant. An axis whose values span more than 3x is logarithmic, so that peers of
+    a different cost do not squeeze the variants into one column."""
     import matplotlib
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     rows = [r for r in table if r['runs']]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    panels = [('params', 'parameters (M)', 1e-6), ('gmacs', 'GMACs (batch 1)', 1.)]
+    if any(not math.isnan(r['train_img_per_sec_controlled']) for r in rows):
+        panels.append(('train_img_per_sec_controlled', 'training img/s (controlled)', 1.))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), sharey=True, squeeze=False)
     groups = sorted({r['variant'].split('=')[0] if '=' in r['variant'] else r['variant'] for r in rows})
     colors = {g: plt.cm.tab10(i % 10) for i, g in enumerate(groups)}
-    for ax, key, label in ((axes[0], 'params', 'parameters (M)'), (axes[1], 'gmacs', 'GMACs (batch 1)')):
+    for ax, (key, label, scale) in zip(axes[0], panels):
+        xs = []
         for r in rows:
-            x = r[key] / 1e6 if key == 'params' else r[key]
+            x = r[key] * scale
+            if math.isnan(x):
+                continue
+            xs.append(x)
             y = r['final_top1_mean']
             group = r['variant'].split('=')[0] if '=' in r['variant'] else r['variant']
             err = [[y - r['final_top1_min']], [r['final_top1_max'] - y]]
             ax.errorbar([x], [y], yerr=err if r['runs'] > 1 else None, fmt='o', color=colors[group], capsize=3)
             ax.annotate(r['variant'], (x, y), textcoords='offset points', xytext=(4, 3), fontsize=7)
+        if xs and min(xs) > 0 and max(xs) > 3 * min(xs):
+            ax.set_xscale('log')
         ref = table[0]  # the base, as a reference line (mean) and band (min-max over seeds)
         if ref['runs']:
             ax.axhline(ref['final_top1_mean'], color='grey', ls='--', lw=0.8)
             if ref['runs'] > 1:
                 ax.axhspan(ref['final_top1_min'], ref['final_top1_max'], color='grey', alpha=0.12, lw=0)
         ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel('final val top-1 (%)')
+        ax.grid(alpha=0.3, which='both')
+    axes[0][0].set_ylabel('final val top-1 (%)')
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
