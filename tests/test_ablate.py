@@ -84,12 +84,14 @@ def test_expand_grid_axes_aliases_and_seeds():
     _, _, variants = ablate.expand_grid(dict(
         model='dynamixer_cifar_t', base=dict(BASE), seeds=[0],
         axes={'S': [1, 2], 'generation': ['dynamic', 'dense'], 'share_row_col': [False, True]},
-        variants={'base': {'seeds': [0, 1]}, 'dense_too': {'generation': 'dense', 'seeds': [2]}}))
+        variants={'base': {'seeds': [0, 1]}, 'dense_too': {'generation': 'dense', 'seeds': [2]},
+                  'plain': {'fast_path': False, 'seeds': []}}))
     names = [v['name'] for v in variants]
     # S=2 and generation=dynamic and share_row_col=off are the base itself; dense_too is generation=dense
-    assert names == ['base', 'S=1', 'generation=dense', 'share_row_col=on']
+    assert names == ['base', 'S=1', 'generation=dense', 'share_row_col=on', 'plain']
     seeds = {v['name']: v['seeds'] for v in variants}
     assert seeds['base'] == [0, 1] and seeds['generation=dense'] == [0, 2] and seeds['S=1'] == [0]
+    assert seeds['plain'] == []  # speed only: measured, never trained
     assert variants[1]['kwargs'] == dict(BASE, num_segments=1)
 
 
@@ -193,13 +195,15 @@ def test_no_train_tabulates_what_is_finished_and_throughput_is_side_by_side(fold
     lines = []
     claims = [dict(claim='re-weighting beats a sum', better='base', worse='sum'),
               dict(claim='the mixer trains slower', slower='mixer', than='base', by=[0.0, 0.99])]
-    result = ablate.run_grid(grid(folder, variants={'sum': {'fusion': 'sum'}, 'mixer': dict(PEER)}, claims=claims),
+    speed_only = {'plain': {'fast_path': False, 'seeds': []}, 'plain_mixer': dict(PEER, seeds=[])}
+    result = ablate.run_grid(grid(folder, variants={'sum': {'fusion': 'sum'}, 'mixer': dict(PEER), **speed_only},
+                                  claims=claims),
                              str(out), train_missing=False, throughput=dict(batch_size=4, warmup=1, iters=2),
                              log=lines.append)
-    assert [r['status'] for r in result['runs']] == ['reused', 'missing', 'missing']
+    assert [r['status'] for r in result['runs']] == ['reused', 'missing', 'missing']  # nothing for speed-only
     assert not (out / 'runs' / 'sum' / 'seed0' / 'metrics.jsonl').exists()
     table = {row['variant']: row for row in result['table']}
-    assert table['base']['runs'] == 1 and table['sum']['runs'] == 0
+    assert table['base']['runs'] == 1 and table['sum']['runs'] == 0 and table['plain']['runs'] == 0
     for row in table.values():  # measured for every variant, trained or not
         assert row['train_img_per_sec_controlled'] > 0 and row['inference_img_per_sec_controlled'] > 0
     text = (out / 'results.md').read_text()

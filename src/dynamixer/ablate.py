@@ -5,7 +5,9 @@ settings every run shares, the seeds, and the variants: named overrides of the b
 (``variants: {static: {generation: static}}``) and/or axes varied one at a time from the base
 (``axes: {num_segments: [1, 2, 4, 8]}`` gives the variants ``S=1``, ``S=2``, ...; the base's own value is the
 base run). Knobs are the model's constructor arguments (``S`` and ``d`` are short for ``num_segments`` and
-``reduced_dims``). A variant may list its own ``seeds``, e.g. more seeds for the closest competitors. A variant
+``reduced_dims``). A variant may list its own ``seeds``, e.g. more seeds for the closest competitors, or
+``seeds: []``: measured by ``--throughput`` but never trained (e.g. ``fast_path: false``, to compare plain
+modules' speed). A variant
 that names its own ``model`` is a peer: any timm model (``mixer_s16_224``, ``resmlp_12_224``, ...) built from
 the variant's own arguments only (``img_size``, ``patch_size``, widths), trained under the same settings.
 
@@ -171,8 +173,8 @@ def expand_grid(grid: Dict[str, Any]) -> Tuple[str, Dict[str, Any], List[Dict[st
             target = next((v for v in variants if dict(resolved_base, **v['overrides']) ==
                            dict(resolved_base, **effective)), None)
         if target is None:
-            variants.append(dict(name=name, overrides=effective, kwargs=kwargs, seeds=list(own_seeds or seeds),
-                                 model=model))
+            variants.append(dict(name=name, overrides=effective, kwargs=kwargs,
+                                 seeds=list(seeds if own_seeds is None else own_seeds), model=model))
         elif own_seeds:
             target['seeds'] = sorted(set(target['seeds']) | set(own_seeds))
 
@@ -190,7 +192,7 @@ def expand_grid(grid: Dict[str, Any]) -> Tuple[str, Dict[str, Any], List[Dict[st
         if 'model' in spec:  # a peer: another model, from its own arguments only
             kwargs = {k: _jsonable(v) for k, v in spec.items() if k != 'model'}
             variants.append(dict(name=str(name), overrides={'model': spec['model'], **kwargs}, kwargs=kwargs,
-                                 seeds=list(own or seeds), model=spec['model']))
+                                 seeds=list(seeds if own is None else own), model=spec['model']))
             continue
         add(str(name), {_knob(k, f'variant {name!r}'): _jsonable(v) for k, v in spec.items()}, own)
     for v in variants:  # build each once on the meta device: bad values fail here, not after an hour
