@@ -301,3 +301,30 @@ def test_plot_adds_a_controlled_speed_panel_and_log_scales_a_wide_axis(tmp_path,
     assert measured == [('parameters (M)', 'linear'), ('GMACs (batch 1)', 'log'),
                         ('training img/s (controlled)', 'linear')]
     assert unmeasured == measured[:2]
+
+
+def test_compiled_throughput_lifts_dynamo_recompile_limit_for_every_variant(monkeypatch):
+    """Variants of one class compile one forward; past dynamo's limit of 8 they would silently run eager."""
+    import torch._dynamo
+    from dynamixer import bench
+    limits = []
+
+    class Runner:
+        def __init__(self, net, mode, x, precision, compile):
+            assert compile
+
+        def prepare_state(self):
+            pass
+
+        def step(self):
+            limits.append(torch._dynamo.config.recompile_limit)
+    monkeypatch.setattr(bench, 'StepRunner', Runner)
+    _, _, variants = ablate.expand_grid(dict(
+        model='dynamixer_cifar_t', base=dict(BASE), axes={'S': [1, 4], 'd': [1, 4, 8], 'generation': ['static', 'dense'],
+                                                          'share_row_col': [True], 'fusion': ['sum']}))
+    assert len(variants) == 10
+    before = torch._dynamo.config.recompile_limit
+    speeds = ablate.controlled_throughput(variants, compile=True, batch_size=2, warmup=1, iters=1, log=lambda *_: None)
+    assert set(speeds) == {v['name'] for v in variants} and all(s['train'] > 0 for s in speeds.values())
+    assert min(limits) >= 2 * len(variants)  # one compiled entry per variant and mode
+    assert torch._dynamo.config.recompile_limit == before  # only for the measurement

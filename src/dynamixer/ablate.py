@@ -326,19 +326,25 @@ def controlled_throughput(variants: List[Dict[str, Any]], num_classes: Optional[
     """Training and inference images/s of every variant, measured in this process with the variants' steps
     interleaved (``bench.time_interleaved``), so that the machine's drift hits them all alike."""
     import torch
+    import torch._dynamo
     from dynamixer.bench import StepRunner, time_interleaved
     speeds: Dict[str, Dict[str, float]] = {v['name']: {} for v in variants}
-    for mode in ('train', 'inference'):
-        torch.manual_seed(0)
-        runners = {}
-        for v in variants:
-            net = build_variant(v, num_classes)
-            runners[v['name']] = StepRunner(net, mode, torch.randn(batch_size, *input_size(net)), precision, compile)
-            runners[v['name']].prepare_state()
-        log(f'throughput: {mode}, {len(runners)} models, batch {batch_size}, {precision}'
-            f'{" compiled" if compile else " eager"}, {warmup} warm-up and {iters} timed steps each, interleaved')
-        for name, times in time_interleaved(runners, warmup, iters, label=mode).items():
-            speeds[name][mode] = batch_size / statistics.median(times)
+    # The variants of one model class compile the same forward: past dynamo's recompile limit (8 by default) the
+    # later ones would silently run eager, so the limit covers every variant in both modes, with room to spare.
+    limit = max(torch._dynamo.config.recompile_limit, 4 * len(variants) + 8)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for mode in ('train', 'inference'):
+            torch.manual_seed(0)
+            runners = {}
+            for v in variants:
+                net = build_variant(v, num_classes)
+                runners[v['name']] = StepRunner(net, mode, torch.randn(batch_size, *input_size(net)), precision,
+                                                compile)
+                runners[v['name']].prepare_state()
+            log(f'throughput: {mode}, {len(runners)} models, batch {batch_size}, {precision}'
+                f'{" compiled" if compile else " eager"}, {warmup} warm-up and {iters} timed steps each, interleaved')
+            for name, times in time_interleaved(runners, warmup, iters, label=mode).items():
+                speeds[name][mode] = batch_size / statistics.median(times)
     return speeds
 
 
