@@ -1,6 +1,7 @@
 """dynamixer ablate: a two-variant grid on a tiny ImageFolder, tables and plot, reuse of finished runs, errors."""
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -213,6 +214,15 @@ def test_no_train_tabulates_what_is_finished_and_throughput_is_side_by_side(fold
     assert [v['verdict'] for v in result['claims']][0] == 'pending' and '## Claims' in text
     assert result['claims'][1]['verdict'] in ('holds', 'reversed', 'not seen') and '| re-weighting beats a sum |' in text
     assert [r['variant'] for r in csv.DictReader(open(out / 'runs.csv'))] == ['base']
+    # tabulating again keeps the measurement, except for a variant changed since
+    changed = {'sum': {'fusion': 'sum', 'reduced_dims': 1}, 'mixer': dict(PEER), **speed_only}
+    again = ablate.run_grid(grid(folder, variants=changed), str(out), train_missing=False, log=lines.append)
+    kept = {row['variant']: row for row in again['table']}
+    for name in ('base', 'mixer', 'plain'):
+        assert kept[name]['train_img_per_sec_controlled'] == table[name]['train_img_per_sec_controlled']
+    assert math.isnan(kept['sum']['train_img_per_sec_controlled'])
+    assert any(line.startswith('throughput: the measurement of') for line in lines)
+    assert 'controlled train img/s' in (out / 'results.md').read_text()
 
 
 def test_every_run_needs_the_same_budget(folder, tmp_path):

@@ -19,7 +19,9 @@ metrics.jsonl and model/, so it can be inspected, visualised or resumed), run se
 seed, then every variant's second. Finished runs are reused, unfinished
 ones resumed. The results go to ``OUTPUT/results.md``, ``results.csv`` (one row per variant: params, GMACs,
 train img/s, best and final val top-1 with mean, std and min-max over seeds), ``runs.csv`` (one row per run)
-and ``accuracy.png`` (best val top-1 against params and against GMACs). A grid may list ``claims`` to judge
+and ``accuracy.png`` (final val top-1 against params, GMACs and controlled speed). ``--throughput`` measures
+every variant's training and inference speed side by side in one process; the measurement is kept in
+``throughput.json`` and reused by later tabulations. A grid may list ``claims`` to judge
 against the noise floor of its runs (``judge_claims``); their verdicts close ``results.md``.
 
 Example grid::
@@ -417,16 +419,47 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
         results = [one(item) for item in enumerate(runs)]
 
     num_classes = next((r['num_classes'] for r in results if r.get('num_classes')), None)
-    speeds = None
-    if throughput is not None:
-        speeds = controlled_throughput(variants, num_classes, log=log, **throughput)
+    speeds, speed_note = measured_throughput(out, variants, num_classes, throughput, log)
     table = summarise(variants, results, num_classes, speeds)
     verdicts = judge_claims(claims, table)
-    write_results(out, model, base, train, table, [r for r in results if r['status'] != 'missing'], verdicts)
+    write_results(out, model, base, train, table, [r for r in results if r['status'] != 'missing'], verdicts,
+                  speed_note)
     failed = [r for r in results if r['status'] == 'failed']
     log(f'wrote {out / "results.md"}, {out / "results.csv"}, {out / "runs.csv"}, {out / "accuracy.png"}'
         + (f'; {len(failed)} run(s) failed' if failed else ''))
     return dict(variants=variants, runs=results, table=table, claims=verdicts, failed=len(failed))
+
+
+def measured_throughput(out: Path, variants: List[Dict[str, Any]], num_classes: Optional[int],
+                        throughput: Optional[Dict[str, Any]], log=print) -> Tuple[Optional[Dict[str, Any]], str]:
+    """(speeds by variant, how they were measured): measured now when ``throughput`` asks (and kept in
+    ``OUTPUT/throughput.json``), else the kept measurement for the variants whose overrides are unchanged, so that
+    tabulating again does not lose a measurement that took minutes."""
+    import torch
+    from dynamixer.io import write_text
+    path = out / 'throughput.json'
+    if throughput is not None:
+        speeds = controlled_throughput(variants, num_classes, log=log, **throughput)
+        defaults = {k: p.default for k, p in inspect.signature(controlled_throughput).parameters.items()
+                    if k in ('precision', 'compile', 'batch_size', 'warmup', 'iters')}
+        settings = dict(defaults, **throughput, measured=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+                        torch=torch.__version__, threads=torch.get_num_threads())
+        saved = dict(settings=settings, variants={v['name']: dict(overrides=v['overrides'], **speeds[v['name']])
+                                                  for v in variants})
+        write_text(path, json.dumps(saved, indent=1) + '\n')
+    elif path.is_file():
+        saved = json.loads(path.read_text())
+        settings = saved['settings']
+        speeds = {v['name']: {k: saved['variants'][v['name']][k] for k in ('train', 'inference')} for v in variants
+                  if saved['variants'].get(v['name'], {}).get('overrides') == json.loads(json.dumps(v['overrides']))}
+        log(f'throughput: the measurement of {settings["measured"]} from {path} ({len(speeds)} of {len(variants)} '
+            f'variants); --throughput measures again')
+    else:
+        return None, ''
+    how = (f'{settings["precision"]}{", compiled" if settings["compile"] else ", eager"}, batch '
+           f'{settings["batch_size"]}, {settings["threads"]} threads, torch {settings["torch"]}, '
+           f'{settings["measured"]}')
+    return speeds, how
 
 
 def run_budget(train: Dict[str, Any]) -> Tuple[Optional[int], Optional[float]]:
@@ -599,7 +632,7 @@ def _fmt_acc(row: Dict[str, Any], which: str, runs: str = 'runs') -> str:
 
 def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, Any],
                   table: List[Dict[str, Any]], results: List[Dict[str, Any]],
-                  verdicts: Optional[List[Dict[str, Any]]] = None) -> None:
+                  verdicts: Optional[List[Dict[str, Any]]] = None, speed_note: str = '') -> None:
     fields = list(table[0].keys())
     with open(out / 'results.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -626,7 +659,7 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
     controlled = any(not math.isnan(row['train_img_per_sec_controlled']) for row in table)
     if controlled:
         lines[-1] += (' Controlled: training and inference images/s measured in one process, every variant\'s '
-                      'steps interleaved, and the training rate relative to the first variant.')
+                      f'steps interleaved ({speed_note}), and the training rate relative to the first variant.')
     tta = any(row['tta_runs'] for row in table)
     if tta:
         lines[-1] += (' With TTA: the last epoch\'s top-1 with the test-time augmentation the runs measured (e.g. '
