@@ -542,10 +542,14 @@ def check_claims(claims: Any, variants: List[Dict[str, Any]]) -> List[Dict[str, 
 
 
 def run_noise(table: List[Dict[str, Any]]) -> Tuple[float, Optional[int]]:
-    """(the seed variance of final top-1 pooled over every variant with several runs, in points squared; the
-    held-out images per run)."""
-    dof = sum(r['runs'] - 1 for r in table if r['runs'] > 1)
-    pooled = sum((r['runs'] - 1) * r['final_top1_std'] ** 2 for r in table if r['runs'] > 1) / dof if dof else 0.
+    """(the seed variance of one run's final top-1 in points squared, pooled over the variants with several runs;
+    the held-out images per run). Pooled robustly: the median over variants of each one's sample variance scaled
+    by the median of its chi-square distribution per degree of freedom (0.455 for two seeds), so that one variant
+    whose seeds trained very differently (4 epochs against 2 under a time budget) does not widen every floor."""
+    from scipy.stats import chi2
+    estimates = [r['final_top1_std'] ** 2 / (chi2.median(r['runs'] - 1) / (r['runs'] - 1))
+                 for r in table if r['runs'] > 1]
+    pooled = statistics.median(estimates) if estimates else 0.
     return pooled, min((r['val_images'] for r in table if r.get('val_images')), default=None)
 
 
@@ -600,7 +604,8 @@ def claims_section(verdicts: List[Dict[str, Any]], table: List[Dict[str, Any]]) 
     lines = ['', '## Claims', '',
              f'Noise floor: two standard errors of the difference of two means over seeds; one run\'s variance is '
              f'the binomial variance of its held-out top-1 ({images or "?"} images) plus the seed variance pooled '
-             f'over the grid ({math.sqrt(seed_var):.2f} points std). A claim that one variant beats another holds '
+             f'over the grid ({math.sqrt(seed_var):.2f} points std: the median over variants of their seed variances, '
+             f'scaled to estimate the variance, so that one erratic variant does not set every floor). A claim that one variant beats another holds '
              f'when the difference clears the floor, is reversed when it clears it the other way, and is not seen '
              f'in between; a claim that a change loses little holds unless its loss clears the floor; a speed '
              f'claim holds when the controlled training slowdown lies in the claimed range.',
