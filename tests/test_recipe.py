@@ -165,7 +165,7 @@ def test_a_schedule_the_budget_cuts_still_gets_its_last_epoch_tta(tmp_path, monk
     history = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert len(history) == 1 and 0 <= history[0]['val_top1_tta'] <= 100 and history[0]['tta'] == 'flip'
     assert 'epoch 1  val_top1 with flip TTA' in capsys.readouterr().out
-    saved = torch.load(out / 'checkpoint.pth', weights_only=False)
+    saved = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert saved['history'][-1]['val_top1_tta'] == history[0]['val_top1_tta'] and saved['epoch'] == 1
     assert cli.main(['train', '--output', str(out), '--resume', '--no-progress']) == 0  # finished: nothing to redo
     assert 'TTA' not in capsys.readouterr().out
