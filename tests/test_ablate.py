@@ -316,6 +316,41 @@ def test_plot_adds_a_controlled_speed_panel_and_log_scales_a_wide_axis(tmp_path,
     assert unmeasured == measured[:2]
 
 
+def test_plot_labels_of_a_tight_cluster_do_not_cover_each_other(tmp_path):
+    """Variants of one size and accuracy sit together; each label gets its own line, log ticks read 0.04."""
+    import matplotlib.figure
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return original(fig, *args, **kwargs)
+    names = ['base', 'd=4', 'generation=dense', 'S=2,4', 'share_row_col=on', 'fusion=sum']
+    table = [dict(variant=n, runs=1, params=2.0e6 + 1e3 * i, gmacs=0.044, train_img_per_sec_controlled=float('nan'),
+                  final_top1_mean=77. - 0.05 * i, final_top1_min=77., final_top1_max=77.) for i, n in enumerate(names)]
+    table.append(dict(table[0], variant='mixer', params=1.96e6, gmacs=0.133, final_top1_mean=61.))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(matplotlib.figure.Figure, 'savefig', keep)
+    try:
+        ablate.plot(tmp_path / 'c.png', table)
+    finally:
+        mp.undo()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = saved[0]
+    canvas = FigureCanvasAgg(fig)  # plot closed the figure; draw it again to measure its labels
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    from matplotlib.text import Text
+    for ax in fig.axes:
+        boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text, without its leader line
+        assert len(boxes) == len(table)
+        overlaps = [(a.get_text(), b.get_text()) for i, (a, ba) in enumerate(zip(ax.texts, boxes))
+                    for b, bb in list(zip(ax.texts, boxes))[i + 1:] if ba.overlaps(bb)]
+        assert not overlaps, overlaps
+    ticks = [t.get_text() for t in fig.axes[1].get_xticklabels(which='both') if t.get_text()]
+    assert ticks and all('^' not in t and 'times' not in t for t in ticks), ticks
+
+
 def test_compiled_throughput_lifts_dynamo_recompile_limit_for_every_variant(monkeypatch):
     """Variants of one class compile one forward; past dynamo's limit of 8 they would silently run eager."""
     import torch._dynamo
@@ -341,3 +376,59 @@ def test_compiled_throughput_lifts_dynamo_recompile_limit_for_every_variant(monk
     assert set(speeds) == {v['name'] for v in variants} and all(s['train'] > 0 for s in speeds.values())
     assert min(limits) >= 2 * len(variants)  # one compiled entry per variant and mode
     assert torch._dynamo.config.recompile_limit == before  # only for the measurement
+
+
+def test_a_record_of_runs_is_tabulated_again_and_extended_without_its_run_folders(folder, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """grid.json + runs.csv + throughput.json stand in for run folders that are gone; new runs join them."""
+    first = tmp_path / 'first'
+    two_seeds = grid(folder, seeds=[0, 1])
+    done = ablate.run_grid(two_seeds, str(first), throughput=dict(batch_size=4, warmup=1, iters=1),
+                           log=lambda *_: None)
+    assert done['failed'] == 0 and json.loads((first / 'grid.json').read_text())['variants']['static']
+    record = tmp_path / 'record'  # what a study commits: no run folders
+    record.mkdir()
+    for name in ('grid.json', 'runs.csv', 'throughput.json'):
+        (record / name).write_bytes((first / name).read_bytes())
+
+    monkeypatch.setattr(ablate, '_train', lambda *a, **k: pytest.fail('a recorded run was trained again'))
+    lines = []
+    again = ablate.run_grid(two_seeds, str(tmp_path / 'again'), train_missing=False, records=str(record),
+                            log=lines.append)
+    assert [r['status'] for r in again['runs']] == ['recorded'] * 4
+    for old, new in zip(done['table'], again['table']):
+        for key in ('params', 'gmacs', 'runs', 'final_top1_mean', 'final_top1_min', 'final_top1_max',
+                    'best_top1_mean', 'train_img_per_sec_controlled', 'val_images'):
+            assert new[key] == pytest.approx(old[key], rel=1e-5), key
+    assert sum('recorded in' in line for line in lines) == 4
+    rows = list(csv.DictReader(open(tmp_path / 'again' / 'runs.csv')))
+    assert [r['status'] for r in rows] == ['recorded'] * 4 and rows[0]['num_classes'] == '2'
+
+    # a record without best epochs (recovered from a doc) leaves the best column out rather than guessing it
+    recovered = (record / 'runs.csv').read_text().splitlines()
+    header = recovered[0].split(',')
+    blanked = [','.join('' if header[i] == 'best_top1' else cell for i, cell in enumerate(line.split(',')))
+               for line in recovered[1:]]
+    (record / 'runs.csv').write_text('\n'.join([recovered[0], *blanked]) + '\n')
+    # a variant changed since the record is left out of it; a new variant is missing until trained
+    changed = grid(folder, seeds=[0, 1], variants={'static': {'generation': 'static', 'reduced_dims': 1},
+                                                   'sum': {'fusion': 'sum'}})
+    lines.clear()
+    partial = ablate.run_grid(changed, str(tmp_path / 'partial'), train_missing=False, records=str(record),
+                              log=lines.append)
+    status = {(r['variant'], r['seed']): r['status'] for r in partial['runs']}
+    assert status == {('base', 0): 'recorded', ('static', 0): 'missing', ('sum', 0): 'missing',
+                      ('base', 1): 'recorded', ('static', 1): 'missing', ('sum', 1): 'missing'}
+    assert any('static changed since' in line for line in lines)
+    base = partial['table'][0]
+    assert base['runs'] == 2 and math.isnan(base['best_top1_mean']) and not math.isnan(base['final_top1_mean'])
+    assert '| base |' in (tmp_path / 'partial' / 'results.md').read_text()
+
+    # a record of other training settings is refused, in one line from the CLI
+    other = grid(folder, seeds=[0, 1])
+    other['train']['epochs'] = 2
+    with pytest.raises(ValueError, match='another grid'):
+        ablate.run_grid(other, str(tmp_path / 'other'), train_missing=False, records=str(record), log=lambda *_: None)
+    code, err = _cli(tmp_path, capsys, '--model', 'dynamixer_cifar_t', '--data', str(folder), '--epochs', '1',
+                     '--no-train', '--records', str(tmp_path / 'nowhere'))
+    assert code == 2 and 'expected a folder with grid.json and runs.csv' in err and len(err.splitlines()) == 1

@@ -24,6 +24,11 @@ every variant's training and inference speed side by side in one process; the me
 ``throughput.json`` and reused by later tabulations. A grid may list ``claims`` to judge
 against the noise floor of its runs (``judge_claims``); their verdicts close ``results.md``.
 
+``grid.json``, ``runs.csv`` and ``throughput.json`` together are the record of a grid's results: small enough to
+commit beside the docs they back. ``--records DIR`` tabulates from such a record the runs whose folders are not in
+OUTPUT (another machine's runs, or a study whose run folders are gone), so that a documented table can be
+regenerated, and extended with new runs, without training its runs again.
+
 Example grid::
 
     model: dynamixer_cifar_t
@@ -68,6 +73,8 @@ GRID_KEYS = ('model', 'base', 'train', 'seeds', 'variants', 'axes', 'base_name',
 # The forms a claim can take in a grid's ``claims:`` list, besides its ``claim:`` text (``judge_claims``).
 CLAIM_FORMS = (('better', 'worse'), ('loses_little', 'against'), ('slower', 'than', 'by'))
 RUN_CONFIG = 'ablate_run.json'
+RUN_FIELDS = ['variant', 'seed', 'status', 'best_top1', 'final_top1', 'final_top1_tta', 'final_top5', 'final_val_loss',
+              'img_per_sec', 'epochs', 'wall_min', 'seconds', 'num_classes', 'val_images', 'run_dir']
 
 
 # ----------------------------------------------------------------------------------------------- the grid
@@ -351,10 +358,12 @@ def controlled_throughput(variants: List[Dict[str, Any]], num_classes: Optional[
 
 
 def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1, dry_run: bool = False,
-             train_missing: bool = True, throughput: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
+             train_missing: bool = True, throughput: Optional[Dict[str, Any]] = None, records: Optional[str] = None,
+             log=print) -> Dict[str, Any]:
     """Train every (variant, seed) not yet finished (``train_missing=False``: tabulate the finished ones only),
     measure the variants' throughput side by side if asked (``controlled_throughput``'s keyword arguments), then
-    write the tables and the plot."""
+    write the tables and the plot. ``records``: the folder of an earlier tabulation of this grid
+    (``read_records``), whose runs stand in for the runs not finished in ``output``."""
     model, base, variants = expand_grid(grid)
     claims = check_claims(grid.get('claims'), variants)
     train = dict(grid.get('train') or {})
@@ -377,6 +386,8 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
             run_dir = out / 'runs' / _dirname(v['name']) / f'seed{seed}'
             log(' '.join(train_command(data, v['model'], v['kwargs'], train, seed, run_dir, False)))
         return dict(variants=variants, runs=[])
+    recorded, recorded_speeds = read_records(records, grid_record(model, base, train, variants), log) \
+        if records else ({}, None)
     out.mkdir(parents=True, exist_ok=True)
 
     def one(i_run: Tuple[int, Tuple[Dict[str, Any], int]]) -> Dict[str, Any]:
@@ -392,6 +403,10 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
             result = dict(variant=variant['name'], seed=seed, run_dir=str(run_dir), status='reused',
                           **_summarise_run(run_dir))
             log(f'{tag}: reused (best top-1 {result["best_top1"]:.2f}, final {result["final_top1"]:.2f})')
+            return result
+        if (variant['name'], seed) in recorded:
+            result = dict(recorded[variant['name'], seed], status='recorded')
+            log(f'{tag}: recorded in {records} (final {result["final_top1"]:.2f})')
             return result
         if not train_missing:
             log(f'{tag}: not finished, left out')
@@ -419,9 +434,11 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
         results = [one(item) for item in enumerate(runs)]
 
     num_classes = next((r['num_classes'] for r in results if r.get('num_classes')), None)
-    speeds, speed_note = measured_throughput(out, variants, num_classes, throughput, log)
+    speeds, speed_note = measured_throughput(out, variants, num_classes, throughput, log, recorded_speeds)
     table = summarise(variants, results, num_classes, speeds)
     verdicts = judge_claims(claims, table)
+    from dynamixer.io import write_text
+    write_text(out / 'grid.json', json.dumps(grid_record(model, base, train, variants), indent=1) + '\n')
     write_results(out, model, base, train, table, [r for r in results if r['status'] != 'missing'], verdicts,
                   speed_note)
     failed = [r for r in results if r['status'] == 'failed']
@@ -430,14 +447,67 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
     return dict(variants=variants, runs=results, table=table, claims=verdicts, failed=len(failed))
 
 
+def grid_record(model: str, base: Dict[str, Any], train: Dict[str, Any],
+                variants: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What a grid's runs were trained under (``grid.json``): model, base knobs, training settings, and each
+    variant's overrides."""
+    return json.loads(json.dumps(dict(model=model, base=base, train=train,
+                                      variants={v['name']: v['overrides'] for v in variants})))
+
+
+def _record_value(key: str, text: str) -> Any:
+    if text in ('', None):
+        return None
+    if key in ('seed', 'epochs', 'num_classes', 'val_images'):
+        return int(float(text))
+    if key in ('variant', 'status', 'run_dir'):
+        return text
+    return float(text)
+
+
+def read_records(folder: str, expected: Dict[str, Any],
+                 log=print) -> Tuple[Dict[Tuple[str, int], Dict[str, Any]], Optional[Path]]:
+    """({(variant, seed): run summary} from ``FOLDER/runs.csv``, ``FOLDER/throughput.json`` or None): the runs of
+    an earlier tabulation of the same grid. The record's ``grid.json`` must name the same model, base knobs and
+    training settings; a variant whose overrides have changed since is left out of it."""
+    folder = Path(folder)
+    grid_path, runs_path = folder / 'grid.json', folder / 'runs.csv'
+    if not (grid_path.is_file() and runs_path.is_file()):
+        raise FileNotFoundError(f'--records {folder}: expected a folder with grid.json and runs.csv (written by '
+                                f'dynamixer ablate); point it at an earlier --output.')
+    saved = json.loads(grid_path.read_text())
+    for key in ('model', 'base', 'train'):
+        if saved.get(key) != expected[key]:
+            raise ValueError(f'--records {folder} holds runs of another grid ({key}: {saved.get(key)!r}, this grid: '
+                             f'{expected[key]!r}); records only stand in for runs of the same settings.')
+    changed = sorted(name for name, overrides in expected['variants'].items()
+                     if name in saved['variants'] and saved['variants'][name] != overrides)
+    if changed:
+        log(f'records: {", ".join(changed)} changed since {folder} was written; their records are left out')
+    runs = {}
+    with open(runs_path, newline='') as f:
+        for row in csv.DictReader(f):
+            run = {k: _record_value(k, row.get(k)) for k in RUN_FIELDS}
+            if run['status'] in ('failed', 'missing') or run['final_top1'] is None:
+                continue
+            if run['variant'] in expected['variants'] and run['variant'] not in changed:
+                runs[run['variant'], run['seed']] = run
+    speeds = folder / 'throughput.json'
+    return runs, (speeds if speeds.is_file() else None)
+
+
 def measured_throughput(out: Path, variants: List[Dict[str, Any]], num_classes: Optional[int],
-                        throughput: Optional[Dict[str, Any]], log=print) -> Tuple[Optional[Dict[str, Any]], str]:
+                        throughput: Optional[Dict[str, Any]], log=print,
+                        recorded: Optional[Path] = None) -> Tuple[Optional[Dict[str, Any]], str]:
     """(speeds by variant, how they were measured): measured now when ``throughput`` asks (and kept in
-    ``OUTPUT/throughput.json``), else the kept measurement for the variants whose overrides are unchanged, so that
-    tabulating again does not lose a measurement that took minutes."""
+    ``OUTPUT/throughput.json``), else the kept measurement (or the ``recorded`` one, when OUTPUT has none) for the
+    variants whose overrides are unchanged, so that tabulating again does not lose a measurement that took
+    minutes."""
     import torch
     from dynamixer.io import write_text
     path = out / 'throughput.json'
+    if throughput is None and not path.is_file() and recorded is not None:
+        path = recorded
     if throughput is not None:
         speeds = controlled_throughput(variants, num_classes, log=log, **throughput)
         defaults = {k: p.default for k, p in inspect.signature(controlled_throughput).parameters.items()
@@ -501,9 +571,12 @@ def summarise(variants: List[Dict[str, Any]], results: List[Dict[str, Any]], num
     for v in variants:
         done = [r for r in results if r['variant'] == v['name'] and r['status'] not in ('failed', 'missing')]
         params, gmacs = count_params_macs(v, num_classes)
-        best, final = _stats([r['best_top1'] for r in done]), _stats([r['final_top1'] for r in done])
+        # a record may lack a run's best epoch: no best column then, rather than one over some of the seeds
+        best = _stats([r['best_top1'] for r in done] if all(r.get('best_top1') is not None for r in done) else [])
+        final = _stats([r['final_top1'] for r in done])
         with_tta = [r['final_top1_tta'] for r in done if r.get('final_top1_tta') is not None]
-        speed = _stats([r['img_per_sec'] for r in done if not math.isnan(r['img_per_sec'])])
+        speed = _stats([r['img_per_sec'] for r in done if r.get('img_per_sec') is not None
+                        and not math.isnan(r['img_per_sec'])])
         table.append(dict(
             variant=v['name'], overrides=json.dumps(v['overrides'], sort_keys=True) if v['overrides'] else '',
             seeds=' '.join(str(r['seed']) for r in done), runs=len(done), params=params, gmacs=gmacs,
@@ -625,10 +698,14 @@ def claims_section(verdicts: List[Dict[str, Any]], table: List[Dict[str, Any]]) 
     return lines
 
 
+def _fmt_speed(value: float) -> str:
+    return '—' if math.isnan(value) else f'{value:.0f}'
+
+
 def _fmt_acc(row: Dict[str, Any], which: str, runs: str = 'runs') -> str:
-    if not row[runs]:
-        return 'n/a'
     mean = row[f'{which}_top1_mean']
+    if not row[runs] or math.isnan(mean):
+        return 'n/a'
     if row[runs] == 1:
         return f'{mean:.2f}'
     return (f'{mean:.2f} ± {row[f"{which}_top1_std"]:.2f} '
@@ -644,14 +721,12 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
         writer.writeheader()
         for row in table:
             writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
-    run_fields = ['variant', 'seed', 'status', 'best_top1', 'final_top1', 'final_top1_tta', 'final_top5',
-                  'final_val_loss',
-                  'img_per_sec', 'epochs', 'wall_min', 'seconds', 'run_dir']
     with open(out / 'runs.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=run_fields, extrasaction='ignore')
+        writer = csv.DictWriter(f, fieldnames=RUN_FIELDS, extrasaction='ignore')
         writer.writeheader()
         for r in results:
-            writer.writerow({k: (f'{r[k]:.6g}' if isinstance(r.get(k), float) else r.get(k, '')) for k in run_fields})
+            writer.writerow({k: (f'{r[k]:.6g}' if isinstance(r.get(k), float) else
+                                 '' if r.get(k) is None else r[k]) for k in RUN_FIELDS})
     lines = [
         f'Model `{model}` with base knobs `{json.dumps(base, sort_keys=True)}`; every run: '
         f'`{json.dumps(train, sort_keys=True)}`.',
@@ -679,7 +754,7 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
     for row in table:
         overrides = ', '.join(f'{k}={v}' for k, v in json.loads(row['overrides']).items()) if row['overrides'] else '—'
         line = (f'| {row["variant"]} | {overrides} | {row["seeds"] or "—"} | {row["params"]:,} | '
-                f'{row["gmacs"]:.4g} | {row["img_per_sec"]:.0f} |')
+                f'{row["gmacs"]:.4g} | {_fmt_speed(row["img_per_sec"])} |')
         if controlled:
             train_speed = row['train_img_per_sec_controlled']
             line += (f' {train_speed:.0f} | {train_speed / base_speed:.2f}x | '
@@ -706,20 +781,24 @@ def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), sharey=True, squeeze=False)
     groups = sorted({r['variant'].split('=')[0] if '=' in r['variant'] else r['variant'] for r in rows})
     colors = {g: plt.cm.tab10(i % 10) for i, g in enumerate(groups)}
+    labels = []
     for ax, (key, label, scale) in zip(axes[0], panels):
-        xs = []
+        points = []
         for r in rows:
             x = r[key] * scale
             if math.isnan(x):
                 continue
-            xs.append(x)
             y = r['final_top1_mean']
+            points.append((x, y, r['variant']))
             group = r['variant'].split('=')[0] if '=' in r['variant'] else r['variant']
             err = [[y - r['final_top1_min']], [r['final_top1_max'] - y]]
             ax.errorbar([x], [y], yerr=err if r['runs'] > 1 else None, fmt='o', color=colors[group], capsize=3)
-            ax.annotate(r['variant'], (x, y), textcoords='offset points', xytext=(4, 3), fontsize=7)
+        xs = [x for x, _, _ in points]
         if xs and min(xs) > 0 and max(xs) > 3 * min(xs):
             ax.set_xscale('log')
+            ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f'{v:g}'))  # 0.04, not 4 x 10^-2
+            ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda v, _: f'{v:g}' if f'{v:.0e}'[0] in '25' else ''))
+        labels.append((ax, points))
         ref = table[0]  # the base, as a reference line (mean) and band (min-max over seeds)
         if ref['runs']:
             ax.axhline(ref['final_top1_mean'], color='grey', ls='--', lw=0.8)
@@ -731,8 +810,36 @@ def plot(path: Path, table: List[Dict[str, Any]], title: str = '') -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    for ax, points in labels:  # once the axes have their final size
+        _label_points(ax, points)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _label_points(ax, points: List[Tuple[float, float, str]], fontsize: int = 7) -> None:
+    """Name each point, moving a label up or down (with a leader line) where it would cover one already placed,
+    and to the left of its point near the right edge: variants of one size and accuracy sit in a tight cluster."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    fx = math.log if ax.get_xscale() == 'log' else (lambda v: v)
+    box = ax.get_window_extent()
+    width_pt, height_pt = box.width * 72 / ax.figure.dpi, box.height * 72 / ax.figure.dpi
+    line = 1.5 * fontsize / height_pt  # one label's height with some air, as a fraction of the axes
+    placed: List[Tuple[float, float, float]] = []  # (left, bottom, right) of each label, in axes fractions
+    for x, y, text in sorted(points, key=lambda p: -p[1]):
+        nx, ny = (fx(x) - fx(x0)) / (fx(x1) - fx(x0)), (y - y0) / (y1 - y0)
+        gap, length = 4 / width_pt, 0.65 * fontsize * len(text) / width_pt
+        left_side = nx + gap + length > 1
+        left, right = (nx - gap - length, nx - gap) if left_side else (nx + gap, nx + gap + length)
+        shifts = [k for k in sorted(range(-20, 21), key=lambda k: (abs(k), k))
+                  if 0 <= ny + 3 / height_pt + k * line <= 1 - line] or [0]
+        for shift in shifts:
+            bottom = ny + 3 / height_pt + shift * line
+            if not any(bottom - line < b < bottom + line and left < r and l < right for l, b, r in placed):
+                break
+        placed.append((left, bottom, right))
+        ax.annotate(text, (x, y), xytext=(-4 if left_side else 4, (bottom - ny) * height_pt),
+                    textcoords='offset points', fontsize=fontsize, ha='right' if left_side else 'left',
+                    arrowprops=dict(arrowstyle='-', lw=0.4, color='grey') if shift else None)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -782,5 +889,5 @@ def run(args: argparse.Namespace) -> int:
         throughput = dict(precision=args.throughput, compile=args.throughput_compile,
                           batch_size=args.throughput_batch_size)
     result = run_grid(grid_from_args(args), args.output, jobs=args.jobs, threads=args.threads, dry_run=args.dry_run,
-                      train_missing=not args.no_train, throughput=throughput)
+                      train_missing=not args.no_train, throughput=throughput, records=args.records)
     return 1 if result.get('failed') else 0

@@ -142,6 +142,10 @@ def _ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dry-run', action='store_true', help='print the training commands and stop')
     parser.add_argument('--no-train', action='store_true',
                         help='train nothing: tabulate the finished runs (a grid filled over several sittings)')
+    parser.add_argument('--records', metavar='DIR',
+                        help='an earlier --output of this grid (its grid.json, runs.csv and throughput.json; the run '
+                             'folders are not needed): its runs stand in for the ones not finished in --output, so '
+                             'a committed record can be tabulated again or extended without training it again')
     parser.add_argument('--throughput', choices=('fp32', 'bf16'),
                         help='also measure every variant\'s training and inference images/s in this process, '
                              'interleaved, at this precision (a controlled comparison; the runs\' own img/s '
