@@ -442,7 +442,7 @@ def run_grid(grid: Dict[str, Any], output: str, jobs: int = 1, threads: int = 1,
     write_results(out, model, base, train, table, [r for r in results if r['status'] != 'missing'], verdicts,
                   speed_note)
     failed = [r for r in results if r['status'] == 'failed']
-    log(f'wrote {out / "results.md"}, {out / "results.csv"}, {out / "runs.csv"}, {out / "accuracy.png"}'
+    log(f'wrote {out / "results.md"}, {out / "results.csv"}, {out / "runs.csv"}, {out / "grid.json"}, {out / "accuracy.png"}'
         + (f'; {len(failed)} run(s) failed' if failed else ''))
     return dict(variants=variants, runs=results, table=table, claims=verdicts, failed=len(failed))
 
