@@ -404,10 +404,11 @@ def test_a_record_of_runs_is_tabulated_again_and_extended_without_its_run_folder
     rows = list(csv.DictReader(open(tmp_path / 'again' / 'runs.csv')))
     assert [r['status'] for r in rows] == ['recorded'] * 4 and rows[0]['num_classes'] == '2'
 
-    # a record without best epochs (recovered from a doc) leaves the best column out rather than guessing it
+    # a record without best epochs or in-run speeds (recovered from a doc) leaves those columns out, not guessed
     recovered = (record / 'runs.csv').read_text().splitlines()
     header = recovered[0].split(',')
-    blanked = [','.join('' if header[i] == 'best_top1' else cell for i, cell in enumerate(line.split(',')))
+    blanked = [','.join('' if header[i] in ('best_top1', 'img_per_sec') else cell
+                        for i, cell in enumerate(line.split(',')))
                for line in recovered[1:]]
     (record / 'runs.csv').write_text('\n'.join([recovered[0], *blanked]) + '\n')
     # a variant changed since the record is left out of it; a new variant is missing until trained
@@ -422,7 +423,8 @@ def test_a_record_of_runs_is_tabulated_again_and_extended_without_its_run_folder
     assert any('static changed since' in line for line in lines)
     base = partial['table'][0]
     assert base['runs'] == 2 and math.isnan(base['best_top1_mean']) and not math.isnan(base['final_top1_mean'])
-    assert '| base |' in (tmp_path / 'partial' / 'results.md').read_text()
+    text = (tmp_path / 'partial' / 'results.md').read_text()
+    assert '| base |' in text and 'nan' not in text and '| n/a |' in text
 
     # a record of other training settings is refused, in one line from the CLI
     other = grid(folder, seeds=[0, 1])

@@ -757,8 +757,9 @@ def write_results(out: Path, model: str, base: Dict[str, Any], train: Dict[str, 
                 f'{row["gmacs"]:.4g} | {_fmt_speed(row["img_per_sec"])} |')
         if controlled:
             train_speed = row['train_img_per_sec_controlled']
-            line += (f' {train_speed:.0f} | {train_speed / base_speed:.2f}x | '
-                     f'{row["inference_img_per_sec_controlled"]:.0f} |')
+            relative = '—' if math.isnan(train_speed / base_speed) else f'{train_speed / base_speed:.2f}x'
+            line += (f' {_fmt_speed(train_speed)} | {relative} | '
+                     f'{_fmt_speed(row["inference_img_per_sec_controlled"])} |')
         line += f' {_fmt_acc(row, "final")} |' + (f' {_fmt_acc(row, "final_tta", "tta_runs")} |' if tta else '')
         lines.append(line + f' {_fmt_acc(row, "best")} |')
     lines += claims_section(verdicts or [], table)
