@@ -138,7 +138,8 @@ class StepRunner:
                  fused_optimizer: bool = False):
         self.model, self.mode, self.x, self.precision = model, mode, x, precision
         self.device = x.device
-        self.fn = torch.compile(model) if compile else model
+        from dynamixer.models import compile_model
+        self.fn = compile_model(model) if compile else model
         self.optimizer = None
         self.scaler = None
         self.set_to_none = True  # torch's default and dynamixer train's; the memory measurement keeps gradients

@@ -485,6 +485,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
            t_start: float) -> None:
     from tqdm import tqdm
     from dynamixer.evaluate import evaluate, summarize
+    from dynamixer.models import compile_model
 
     log = print if master else (lambda *a, **k: None)
     if cfg.threads:
@@ -507,7 +508,7 @@ def _train(cfg, out: Path, rank: int, world: int, device: torch.device, ddp: boo
         seed_everything(cfg.seed + rank)  # distinct augmentation and drop-path per rank
     if master:
         save_settings(cfg, out)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = compile_model(raw_model) if cfg.compile else raw_model
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     steps_per_epoch = data.steps_per_epoch

@@ -40,7 +40,7 @@ from dynamixer.models.fused import (
     linear_gelu, mix_project, onednn_fp32, onednn_inference, softmax)
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'FastPath', 'GENERATION_STRATEGIES',
-           'FUSIONS', 'TOKEN_MIXERS']
+           'FUSIONS', 'TOKEN_MIXERS', 'COMPILE_OPTIONS', 'compile_model']
 
 GENERATION_STRATEGIES = ('dynamic', 'static', 'dense')
 FUSIONS = ('reweight', 'sum')
@@ -657,6 +657,19 @@ class DynaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# inductor's layout optimisation (on for graphs with convolutions) stores 4-D activations channels-last, reading
+# our (B, H, W, C) maps as NCHW: every LayerNorm and residual add of the blocks then works on strided memory
+COMPILE_OPTIONS: Dict[str, Any] = {'layout_optimization': False}
+
+
+def compile_model(model: nn.Module, **kwargs) -> nn.Module:
+    """``torch.compile(model, **kwargs)`` with ``COMPILE_OPTIONS`` for inductor (the default backend); options
+    given in ``kwargs`` win. Scoped to this model's compilation: no process-wide setting changes."""
+    if kwargs.get('backend', 'inductor') == 'inductor' and kwargs.get('mode') is None:
+        kwargs['options'] = {**COMPILE_OPTIONS, **(kwargs.get('options') or {})}
+    return torch.compile(model, **kwargs)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DynaMixer) -> Dict[str, torch.Tensor]:
