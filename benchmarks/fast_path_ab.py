@@ -8,8 +8,10 @@ process, steps interleaved, each arm in its own precision and compile mode.
         --arm reference --arm fast --arm 'fast:recompute_mixing=False' --arm 'fast@bf16+compile'
 
 An arm is ``fast`` or ``reference``, optionally ``:FIELD=VALUE,...`` (``FastPath`` fields, fast arms only) and
-``@PRECISION[+compile][+fused]`` (default: fp32 eager; ``fused``: the fused AdamW of ``dynamixer train`` instead of
-torch's default). Speed-ups are against the first arm.
+``@PRECISION[+compile|+torchcompile][+fused]`` (default: fp32 eager; ``compile``: ``dynamixer.models.compile_model``,
+as ``dynamixer train --compile``; ``torchcompile``: a bare ``torch.compile``, inductor's layout optimisation as torch
+decides; ``fused``: the fused AdamW of ``dynamixer train`` instead of torch's default). Speed-ups are against the
+first arm.
 """
 import argparse
 import ast
@@ -23,7 +25,7 @@ from dynamixer.bench import StepRunner, build_models, time_interleaved
 
 
 def parse_arm(text: str):
-    """'fast:recompute_mixing=False@bf16+compile' -> ('fast', {'recompute_mixing': False}, 'bf16', True, False)."""
+    """'fast:recompute_mixing=False@bf16+compile' -> ('fast', {'recompute_mixing': False}, 'bf16', 'compile', False)."""
     text, _, mode = text.partition('@')
     impl, _, fields = text.partition(':')
     if impl not in ('fast', 'reference'):
@@ -33,9 +35,10 @@ def parse_arm(text: str):
         key, _, value = item.partition('=')
         options[key.strip()] = ast.literal_eval(value.strip())
     precision, *flags = (mode or 'fp32').split('+')
-    if set(flags) - {'compile', 'fused'}:
-        raise SystemExit(f'after @PRECISION come +compile and/or +fused, got {mode!r}')
-    return impl, options, precision, 'compile' in flags, 'fused' in flags
+    if set(flags) - {'compile', 'torchcompile', 'fused'} or {'compile', 'torchcompile'} <= set(flags):
+        raise SystemExit(f'after @PRECISION come +compile or +torchcompile, and/or +fused, got {mode!r}')
+    compiler = next((flag for flag in flags if flag in ('compile', 'torchcompile')), None)
+    return impl, options, precision, compiler, 'fused' in flags
 
 
 def main() -> None:
@@ -56,11 +59,13 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     runners = {}
     for arm in arms:
-        impl, options, precision, compiled, fused = parse_arm(arm)
+        impl, options, precision, compiler, fused = parse_arm(arm)
         model = copy.deepcopy(models[impl])
         if options:
             model.set_fast_path(**options)
-        runners[arm] = StepRunner(model, args.mode, x, precision, compile=compiled, fused_optimizer=fused)
+        runners[arm] = StepRunner(model, args.mode, x, precision, compile=compiler == 'compile', fused_optimizer=fused)
+        if compiler == 'torchcompile':
+            runners[arm].fn = torch.compile(model)
     times = time_interleaved(runners, args.warmup, args.iters)
     medians = {arm: statistics.median(t) for arm, t in times.items()}
     print(f'{args.model} {args.mode} b{args.batch_size} {args.img_size}px cpu, {args.threads} threads, '

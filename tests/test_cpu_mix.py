@@ -8,7 +8,7 @@ import timm
 import torch
 
 import dynamixer  # noqa: F401  (registers the models)
-from dynamixer.models import cpu_mix
+from dynamixer.models import compile_model, cpu_mix
 
 if not cpu_mix.available():
     pytest.fail('the CPU kernels did not build here (a C++ compiler is needed, as for torch.compile)',
@@ -205,7 +205,7 @@ def test_inductor_compiles_the_kernels_into_a_bf16_training_step(generation, mon
                               stage_strides=(1, 2), num_segments=(4, 8), num_classes=10, generation=generation)
     ref = reference_model(model)
     x = torch.randn(4, 3, 32, 32)
-    compiled = torch.compile(model)
+    compiled = compile_model(model)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = compiled(x)
     out.float().sum().backward()
@@ -219,3 +219,49 @@ def test_inductor_compiles_the_kernels_into_a_bf16_training_step(generation, mon
     model.eval(), ref.eval()
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         assert rel(compiled(x), ref(x)) < 0.03
+
+
+def test_compile_model_keeps_the_nhwc_maps_out_of_inductors_channels_last_layout(monkeypatch):
+    """Plain torch.compile of a graph with convolutions turns on inductor's layout optimisation, which stores 4-D
+    activations channels-last: for our (B, H, W, C) maps that puts H innermost and C strided, under every
+    LayerNorm. compile_model turns it off for its own compilation only, with the same outputs."""
+    from torch._inductor.graph import GraphLowering
+    decided, init = [], GraphLowering.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        decided.append(self.layout_opt)
+    monkeypatch.setattr(GraphLowering, '__init__', recording_init)
+    # a cached compilation skips the lowering, and with it the decision
+    monkeypatch.setattr(torch._inductor.config, 'fx_graph_cache', False)
+    monkeypatch.setattr(torch._functorch.config, 'enable_autograd_cache', False)
+    torch.manual_seed(0)
+    model = timm.create_model('dynamixer_cifar_t', patch_size=4, depths=(1, 1), embed_dims=(48, 96),
+                              stage_strides=(1, 2), num_segments=(4, 8), num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        torch.compile(model)(x)
+        assert decided == [True]  # the hazard: inductor's own choice for this graph
+        decided.clear()
+        torch._dynamo.reset()
+        out = compile_model(model)(x)
+        assert decided == [False]
+        torch._dynamo.reset()
+        torch.compile(model)(x)
+        assert decided == [False, True]  # nothing process-wide changed
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_model_options_given_win_and_a_mode_is_left_alone(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, 'compile', lambda model, **kwargs: seen.append(kwargs) or model)
+    model = torch.nn.Linear(2, 2)
+    assert compile_model(model) is model
+    assert compile_model(model, options={'layout_optimization': True, 'max_autotune': True}, dynamic=False)
+    compile_model(model, mode='max-autotune')  # torch.compile takes a mode or options, not both
+    compile_model(model, backend='eager')
+    assert seen == [{'options': {'layout_optimization': False}},
+                    {'options': {'layout_optimization': True, 'max_autotune': True}, 'dynamic': False},
+                    {'mode': 'max-autotune'}, {'backend': 'eager'}]

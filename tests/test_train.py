@@ -380,6 +380,17 @@ def test_compile_trains_and_saves_plain_weights(tmp_path, capsys):
     timm.create_model(f'local-dir:{out / "model"}', pretrained=True)
 
 
+def test_compile_compiles_through_compile_model(tmp_path, capsys, image_folder, monkeypatch):
+    """--compile takes the model's compile options (dynamixer.models.compile_model), not a bare torch.compile."""
+    import dynamixer.models
+    compiled = []
+    monkeypatch.setattr(dynamixer.models, 'compile_model', lambda model, **kw: compiled.append(type(model)) or model)
+    code, _, err = _cli(capsys, *train_args(tmp_path / 'run', '--data', str(image_folder), '--epochs', '1',
+                                            '--batch-size', '12', '--compile'))
+    assert code == 0, err
+    assert compiled == [dynamixer.models.DynaMixer]
+
+
 def test_a_finished_run_is_never_overwritten(tmp_path, capsys, image_folder, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny = ['train', '--data', str(image_folder), '--no-progress', '--workers', '0', *TINY_MODEL, '--epochs', '1',
