@@ -666,7 +666,8 @@ COMPILE_OPTIONS: Dict[str, Any] = {'layout_optimization': False}
 
 def compile_model(model: nn.Module, **kwargs) -> nn.Module:
     """``torch.compile(model, **kwargs)`` with ``COMPILE_OPTIONS`` for inductor (the default backend); options
-    given in ``kwargs`` win. Scoped to this model's compilation: no process-wide setting changes."""
+    given in ``kwargs`` win, and a ``mode`` goes through alone (torch.compile takes a mode or options, not both).
+    Scoped to this model's compilation: no process-wide setting changes."""
     if kwargs.get('backend', 'inductor') == 'inductor' and kwargs.get('mode') is None:
         kwargs['options'] = {**COMPILE_OPTIONS, **(kwargs.get('options') or {})}
     return torch.compile(model, **kwargs)
