@@ -194,3 +194,14 @@ def test_recipe_against_plain_times_each_side_with_its_own_optimiser(monkeypatch
             assert made == expected and result['train']['speedup'] > 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compiled_steps_compile_through_compile_model(monkeypatch):
+    """bench --compile (and ablate's throughput) time the model as dynamixer train --compile runs it."""
+    import dynamixer.models
+    compiled = []
+    monkeypatch.setattr(dynamixer.models, 'compile_model', lambda model, **kw: compiled.append(model) or model)
+    model = torch.nn.Linear(4, 2)
+    bench.StepRunner(model, 'inference', torch.randn(3, 4), 'fp32', compile=True).step()
+    bench.StepRunner(model, 'inference', torch.randn(3, 4), 'fp32', compile=False).step()
+    assert compiled == [model]
