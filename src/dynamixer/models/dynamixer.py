@@ -412,6 +412,10 @@ class DynaMixer(nn.Module):
             network, the paper's baseline (fixed learned mixing over each line; ``num_segments`` and ``fusion``
             apply, the generation options do not).
         dynamic_img_size: accept any input size, mixing in windows of the built line length.
+        window_size: the line length every mixing op is built for (one value, or one per stage), instead of the
+            built grid's: lines of any length are then mixed in windows of this many tokens (needs
+            ``dynamic_img_size=True``). What makes a dense-prediction pyramid affordable: at stride 4 a 360 x 480
+            image has lines of 90 and 120 tokens, and a generated N x N matrix costs N^2 per token.
         stem: 'patch' (the paper: one non-overlapping conv), 'conv' (overlapping 3 x 3 convs with BatchNorm down
             to the same grid, the first at full resolution; dynamixer_cifar_xs) or 'conv_strided' (the same without
             the full-resolution layer, cheaper); the conv stems are deviations from the paper (docs/cifar10.md).
@@ -441,6 +445,7 @@ class DynaMixer(nn.Module):
             fusion: str = 'reweight',
             token_mixer: str = 'dynamixer',
             dynamic_img_size: bool = False,
+            window_size: Optional[Union[int, Sequence[int]]] = None,
             weight_init: str = 'trunc_normal',
             stem: str = 'patch',
             fast_path: Union[bool, FastPath] = True,
@@ -472,9 +477,14 @@ class DynaMixer(nn.Module):
 
         if token_mixer not in TOKEN_MIXERS:
             raise ValueError(f'token_mixer must be one of {TOKEN_MIXERS}, got {token_mixer!r}.')
-        if token_mixer == 'permute' and (dynamic_img_size or share_row_col or generation != 'dynamic'):
+        if token_mixer == 'permute' and (dynamic_img_size or share_row_col or generation != 'dynamic'
+                                         or window_size is not None):
             raise ValueError("token_mixer='permute' (ViP) mixes with fixed layers tied to the built size: it takes "
-                             "no dynamic_img_size, share_row_col or generation; drop those options.")
+                             "no dynamic_img_size, window_size, share_row_col or generation; drop those options.")
+        if window_size is not None and not dynamic_img_size:
+            raise ValueError('window_size mixes lines of any length in windows, which needs dynamic_img_size=True; '
+                             'pass both, or drop window_size to mix whole lines of the built size.')
+        windows = None if window_size is None else _per_stage(window_size, num_stages, 'window_size')
         if stem not in STEMS:
             raise ValueError(f"stem must be 'patch' (the paper), 'conv' or 'conv_strided' (overlapping 3x3 convs, "
                              f"with or without a full-resolution layer), got {stem!r}.")
@@ -503,13 +513,14 @@ class DynaMixer(nn.Module):
             else:
                 mixer = dict(num_segments=num_segments[i], reduced_dim=reduced_dims[i], generation=generation,
                              share_row_col=share_row_col, fusion=fusion, dynamic_size=dynamic_img_size)
+            line_lengths = grid if windows is None else (windows[i], windows[i])
             stages.append(DynaMixerStage(
-                in_dim, embed_dims[i], stage_strides[i], depths[i], grid, dpr[i], mlp_ratio=mlp_ratios[i],
+                in_dim, embed_dims[i], stage_strides[i], depths[i], line_lengths, dpr[i], mlp_ratio=mlp_ratios[i],
                 proj_drop=proj_drop_rate, norm_layer=norm_layer, act_layer=act_layer, **mixer))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
             tokens = grid[0] * grid[1]
             self._elems_per_image = max(self._elems_per_image, int(tokens * embed_dims[i] * mlp_ratios[i]),
-                                        num_segments[i] * tokens * (grid[0] + grid[1]))
+                                        num_segments[i] * tokens * sum(line_lengths))
             in_dim = embed_dims[i]
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features)
@@ -751,6 +762,16 @@ MODEL_ARGS: Dict[str, Dict[str, Any]] = {
     'vip_cifar_xs': dict(
         img_size=32, patch_size=4, depths=(2, 4), embed_dims=(96, 192), stage_strides=(1, 2),
         num_segments=(4, 8), stem='conv', weight_init='fan_in', token_mixer='permute'),
+    # Four-stage pyramids (strides 4, 8, 16, 32) for dense prediction, sized for an hour of CamVid training on a
+    # 2-core CPU (docs/segmentation.md). The DynaMixer one mixes every line in windows of 16 tokens at any input
+    # size; the ViP one is the paper's baseline in the same pyramid, tied to its built size (256 x 256 crops).
+    'dynamixer_pyramid_t': dict(
+        img_size=256, patch_size=4, depths=(2, 2, 4, 2), embed_dims=(32, 64, 128, 256), stage_strides=(1, 2, 2, 2),
+        num_segments=(4, 8, 8, 16), reduced_dims=2, stem='conv_strided', weight_init='fan_in',
+        dynamic_img_size=True, window_size=16),
+    'vip_pyramid_t': dict(
+        img_size=256, patch_size=4, depths=(2, 2, 4, 2), embed_dims=(32, 64, 128, 256), stage_strides=(1, 2, 2, 2),
+        num_segments=(4, 8, 8, 16), stem='conv_strided', weight_init='fan_in', token_mixer='permute'),
 }
 
 _CIFAR_CFG = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD)
@@ -770,6 +791,11 @@ default_cfgs = generate_default_cfgs({
     'dynamixer_cifar_xs.untrained': _cfg(**_CIFAR_CFG, first_conv='stem.convs.0'),
     'vip_cifar_xs.untrained': _cfg(
         **_CIFAR_CFG, first_conv='stem.convs.0', paper_ids='arXiv:2106.12368',
+        paper_name='Vision Permutator: A Permutable MLP-Like Architecture for Visual Recognition'),
+    'dynamixer_pyramid_t.untrained': _cfg(input_size=(3, 256, 256), crop_pct=1.0, fixed_input_size=False,
+                                          first_conv='stem.convs.0'),
+    'vip_pyramid_t.untrained': _cfg(
+        input_size=(3, 256, 256), crop_pct=1.0, first_conv='stem.convs.0', paper_ids='arXiv:2106.12368',
         paper_name='Vision Permutator: A Permutable MLP-Like Architecture for Visual Recognition'),
     # `dynamixer train --recipe cifar --data PATH/cifar10 --val-split 0.1` (45,000 of CIFAR-10's training
     # images, the held-out 5,000 never seen): docs/cifar10.md
@@ -823,3 +849,16 @@ def dynamixer_cifar_xs(pretrained: bool = False, **kwargs) -> DynaMixer:
 def vip_cifar_xs(pretrained: bool = False, **kwargs) -> DynaMixer:
     """ViP (Vision Permutator) baseline for 32 x 32 images: ``dynamixer_cifar_xs`` with the Permute-MLP mixer."""
     return _build('vip_cifar_xs', pretrained, kwargs)
+
+
+@register_model
+def dynamixer_pyramid_t(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """DynaMixer pyramid for dense prediction: strides 4-32, widths (32, 64, 128, 256), windows of 16 tokens at
+    any input size; the backbone of ``dynamixer train --recipe camvid``."""
+    return _build('dynamixer_pyramid_t', pretrained, kwargs)
+
+
+@register_model
+def vip_pyramid_t(pretrained: bool = False, **kwargs) -> DynaMixer:
+    """ViP baseline in the same pyramid as ``dynamixer_pyramid_t``, tied to its built size (256 x 256)."""
+    return _build('vip_pyramid_t', pretrained, kwargs)
