@@ -249,6 +249,16 @@ def test_cache_is_reused_rebuilt_after_a_change_and_when_damaged(tmp_path, monke
     assert decoded == [6, 6, 2]
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.train.images, changed.train.images))
 
+    # a cache that loads but does not hold what it should (labels cut short) is rebuilt too
+    current = [p for p in cache.glob('seg-*.pt') if p.read_bytes() != b'not a torch file']
+    assert len(current) == 2
+    for path in current:
+        saved = torch.load(path, weights_only=True)
+        saved['labels'] = [label[:5] for label in saved['labels']]
+        torch.save(saved, path)
+    again = _load(root)
+    assert decoded == [6, 6, 2, 6, 2] and again.train.labels[0].shape == (20, 30)
+
     # the default cache folder is $XDG_CACHE_HOME/dynamixer
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
     load_seg_data(root)
