@@ -265,6 +265,14 @@ def test_cache_is_reused_rebuilt_after_a_change_and_when_damaged(tmp_path, monke
     assert len(list((tmp_path / 'xdg' / 'dynamixer').glob('seg-*.pt'))) == 2
 
 
+def test_an_unwritable_cache_folder_is_a_warning_not_an_error(tmp_path):
+    root = make_seg_folder(tmp_path / 'data')
+    (tmp_path / 'blocked').write_text('a file where the cache folder would be')
+    data = load_seg_data(root, cache_dir=tmp_path / 'blocked' / 'cache')
+    assert len(data.train) == 6 and len(data.val) == 2
+    assert len(data.warnings) == 2 and all('could not write the decoded-image cache' in w for w in data.warnings)
+
+
 def test_val_split_holds_out_a_seeded_disjoint_fraction_of_train(tmp_path):
     import shutil
     root = make_seg_folder(tmp_path / 'data', n_train=10)

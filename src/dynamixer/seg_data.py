@@ -220,8 +220,9 @@ def _valid(saved: dict) -> bool:
 
 
 def cache_split(pairs: Sequence[Tuple[str, Path, Path]], num_classes: int, cache_dir: Path, progress: bool = False,
-                ) -> Tuple[SegSplit, List[Tuple[str, List[int]]], Path, bool]:
-    """``_decode`` through the cache: (split, values beyond the classes, cache file, built now)."""
+                notes: Optional[List[str]] = None) -> Tuple[SegSplit, List[Tuple[str, List[int]]], Optional[Path], bool]:
+    """``_decode`` through the cache: (split, values beyond the classes, cache file or None when it could not be
+    written (said in ``notes``), built now)."""
     path = Path(cache_dir) / f'seg-{_fingerprint(pairs, num_classes)}.pt'
     if path.is_file():
         try:
@@ -235,7 +236,13 @@ def cache_split(pairs: Sequence[Tuple[str, Path, Path]], num_classes: int, cache
     split, beyond = _decode(pairs, num_classes, progress)
     state = dict(images=split.images, labels=split.labels, names=split.names,
                  skipped=[(u.path, u.reason) for u in split.skipped], beyond=beyond)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:  # a read-only or full cache folder costs the next run a decode, not this run
+        if notes is not None:
+            notes.append(f'could not write the decoded-image cache {path} ({e}); the images will be decoded again '
+                         f'next time (set --cache-dir to a writable folder).')
+        return split, beyond, None, True
     return split, beyond, path, True
 
 
@@ -298,7 +305,7 @@ def load_seg_data(root, val_split: float = 0., split_seed: int = 0, cache_dir: O
     for images_name, labels_name in folders:
         images_dir, labels_dir = root / images_name, root / labels_name
         pairs = scan_pairs(images_dir, labels_dir)
-        split, beyond, _, _ = cache_split(pairs, len(classes), cache_dir, progress)
+        split, beyond, _, _ = cache_split(pairs, len(classes), cache_dir, progress, warnings)
         _check_not_empty(split, images_dir, labels_dir)
         if beyond:
             warnings.append(_beyond_warning(labels_dir, beyond, classes))
