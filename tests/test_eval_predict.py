@@ -93,13 +93,16 @@ def test_bad_inputs_are_one_line_errors(trained, capsys, tmp_path):
 
 
 def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
-    from dynamixer.evaluate import evaluate, summarize
+    from functools import partial
+    from dynamixer.evaluate import evaluate, tta_logits
+    from dynamixer.tasks.metrics import ClassificationMetrics
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
     images, targets = torch.randn(64, 3, 4, 4), torch.randint(0, 5, (64,))
     loader = [(images[:40], targets[:40], []), (images[40:], targets[40:], [])]
-    plain = summarize(evaluate(model, loader, torch.device('cpu'), 5))
-    tta = summarize(evaluate(model, loader, torch.device('cpu'), 5, tta='flip'))
+    plain = evaluate(model, loader, torch.device('cpu'), ClassificationMetrics(5)).compute()
+    tta = evaluate(model, loader, torch.device('cpu'), ClassificationMetrics(5),
+                   infer=partial(tta_logits, tta='flip')).compute()
     with torch.no_grad():
         logits = (model(images) + model(images.flip(-1))) / 2
     assert tta['top1'] == pytest.approx((logits.argmax(1) == targets).float().mean().item() * 100)

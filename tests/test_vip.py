@@ -87,7 +87,7 @@ def test_vip_rejects_dynamixer_only_options():
 def test_vip_is_listed_and_saves_and_loads_as_a_folder(tmp_path):
     assert 'vip_cifar_xs' in dynamixer.list_models()
     model = timm.create_model('vip_cifar_xs', num_classes=3).eval()
-    from dynamixer.train import save_model_dir
+    from dynamixer.model_dir import save_model_dir
     save_model_dir(model, tmp_path / 'model', ['a', 'b', 'c'])
     loaded = timm.create_model(f'local-dir:{tmp_path / "model"}', pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -112,7 +112,7 @@ def test_train_a_timm_model_by_name(tmp_path, capsys):
     assert config['architecture'] == 'mixer_s16_224'
     assert config['pretrained_cfg']['input_size'] == [3, 16, 16]
     assert config['model_args']['patch_size'] == 4  # which the entry point fixes at 16
-    from dynamixer.evaluate import load_model_dir
+    from dynamixer.model_dir import load_model_dir
     model = load_model_dir(str(run / 'model'))
     assert model.stem.proj.kernel_size == (4, 4) and len(model.blocks) == 2
     assert model.pretrained_cfg['label_names'] == ['cat', 'dog', 'fox']

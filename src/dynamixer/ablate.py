@@ -228,7 +228,7 @@ def build_variant(variant: Dict[str, Any], num_classes: Optional[int] = None) ->
 
 
 def input_size(net: 'torch.nn.Module') -> Tuple[int, int, int]:
-    from dynamixer.train import model_img_size
+    from dynamixer.tasks.classification import model_img_size
     return (net.pretrained_cfg.get('input_size', (3,))[0], *model_img_size(net))
 
 

@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, List, Optional
 COMMANDS = {
     'convert': ('dynamixer.convert', 'convert an official DynaMixer checkpoint to ours (.safetensors)'),
     'train': ('dynamixer.train', 'train or fine-tune (digits by default; torchrun for DDP)'),
-    'eval': ('dynamixer.evaluate', 'top-1/top-5, loss, per-class accuracy and confusion matrix of a trained model'),
-    'predict': ('dynamixer.predict', 'top-k classes of image files with a trained model'),
+    'eval': ('dynamixer.evaluate', 'top-1/top-5 (or mIoU), loss, per-class figures and confusion matrix of a '
+                                   'trained model'),
+    'predict': ('dynamixer.predict', 'top-k classes of image files (or their masks) with a trained model'),
     'ablate': ('dynamixer.ablate', 'train a grid of model variants with one budget and tabulate them'),
     'visualize': ('dynamixer.visualize', 'draw the mixing matrices a trained model generates for an image'),
     'bench': ('dynamixer.bench', 'time the fast DynaMixer against the plain reference (speed, memory, GFLOP/s)'),
@@ -90,7 +91,8 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
     parser.add_argument('--data', default='digits',
-                        help='digits, cifar10, cifar100, or an ImageFolder path (its val/ split is evaluated)')
+                        help='digits, cifar10, cifar100, an ImageFolder path (its val/ split is evaluated), or for a '
+                             'segmentation model a segmentation folder (its val/ and valannot/)')
     parser.add_argument('--data-dir', default='data', help='where cifar10/cifar100 are downloaded')
     parser.add_argument('--val-split', type=number(at_least=0, below=1), default=0.,
                         help='for a folder with no val/: the held-out fraction (use the value training used)')
@@ -106,16 +108,29 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation: 'flip' averages the logits of each image and its mirror "
                              "image, 'flip-shift' also those of the pair shifted by one pixel both ways diagonally "
                              "(6 views)")
-    parser.add_argument('--json', action='store_true', help='print the metrics as one JSON object')
+    parser.add_argument('--slide', action='store_true',
+                        help='segmentation: predict in overlapping windows of the training crop (mmsegmentation\'s '
+                             'slide mode; what fixed-size backbones such as ViP need) instead of whole images')
+    parser.add_argument('--resize', type=number(int, at_least=16), nargs=2, default=None, metavar=('H', 'W'),
+                        help='segmentation: evaluate at this size (images bilinear, labels nearest) instead of the '
+                             'images\' own')
+    parser.add_argument('--json', action='store_true', help='print the metrics as one JSON object (segmentation: '
+                                                            'miou, pixel_acc and iou per class, in %%)')
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('images', nargs='+', help='image files to classify')
+    parser.add_argument('images', nargs='+', help='image files to classify (or segment)')
     parser.add_argument('--model-dir', '--model', dest='model_dir', required=True, help=MODEL_DIR_HELP)
     parser.add_argument('--topk', type=number(int, at_least=1), default=5, help='how many classes to show per image')
     parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda'")
+    parser.add_argument('--output', default=None,
+                        help='segmentation: folder for each image\'s mask (STEM.png: the class index of every pixel, '
+                             '8-bit, the image\'s size) and overlay (STEM_overlay.jpg); default: masks/ here')
+    parser.add_argument('--slide', action='store_true',
+                        help='segmentation: predict in overlapping windows of the training crop')
     parser.add_argument('--json', action='store_true', help='one JSON object per line: file, and top-k '
-                                                            'label/index/probability')
+                                                            'label/index/probability (segmentation: mask, overlay, '
+                                                            'size, share of each class in %%)')
 
 
 def _ablate_arguments(parser: argparse.ArgumentParser) -> None:

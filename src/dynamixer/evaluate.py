@@ -7,63 +7,14 @@ the model's own data config says. ``evaluate()`` is also the validation loop of 
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dynamixer.settings import TTA_MODES
-
-
-def load_model_dir(path: str, device: str = 'cpu') -> nn.Module:
-    """The model in a timm local-dir folder (config.json + model.safetensors), weights loaded, in eval mode.
-
-    A training run's output folder works too (its ``model/`` is used), and so does the name of a model whose
-    weights ship with the package (``dynamixer_cifar_xs.cifar10_1h``).
-    """
-    import timm
-    import dynamixer  # registers the architectures with timm
-    folder = model_folder(path)
-    if folder is None:  # weights shipped with the package
-        return timm.create_model(path, pretrained=True).to(device).eval()
-    architecture = json.loads((folder / 'config.json').read_text()).get('architecture')
-    if architecture and architecture not in dynamixer.list_models() and (folder / 'model.safetensors').is_file():
-        from dynamixer.catalog import load_timm_folder  # a peer from timm, trained by dynamixer train
-        return load_timm_folder(folder).to(device).eval()
-    model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True)
-    return model.to(device).eval()
-
-
-# The weight files timm's local-dir loader looks for, in its order of preference.
-WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
-
-
-def model_folder(path: str) -> Optional[Path]:
-    """The timm model folder that ``path`` names (itself, or a training run's ``model/``), checked; None for
-    the name of weights shipped with the package."""
-    import timm
-    folder = Path(path)
-    if not folder.exists() and path in timm.list_pretrained('dynamixer*'):
-        return None
-    if not (folder / 'config.json').is_file() and (folder / 'model' / 'config.json').is_file():
-        folder = folder / 'model'
-    if not folder.is_dir():
-        raise FileNotFoundError(f'model folder {path!r} does not exist; give the model/ folder of a training run '
-                                f'(config.json + model.safetensors), e.g. runs/digits/model.')
-    if not (folder / 'config.json').is_file():
-        raise ValueError(f'{path!r} has no config.json; give the model/ folder that dynamixer train writes '
-                         f'(e.g. runs/digits/model).')
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        unfinished = (folder.parent / 'args.yaml').is_file()
-        raise ValueError(f'{path!r} has no weights ({" or ".join(WEIGHT_FILES[:2])})'
-                         + ('; the training run that wrote it did not finish an epoch.' if unfinished else '.'))
-    return folder
-
-
-def label_names(model: nn.Module) -> List[str]:
-    names = model.pretrained_cfg.get('label_names')
-    return list(names) if names else [str(i) for i in range(model.num_classes)]
+from dynamixer.tasks.metrics import ConfusionMetrics
 
 
 @torch.no_grad()
@@ -89,42 +40,22 @@ def tta_logits(model: nn.Module, images: torch.Tensor, tta: str = 'none') -> tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int,
-             amp_dtype: Optional[torch.dtype] = None, progress: bool = False, tta: str = 'none') -> Dict[str, Any]:
-    """Sums of loss, top-1/top-5 hits and the confusion matrix over ``loader`` (not yet averaged, so that
-    ranks can add theirs up), plus the unreadable images met on the way; ``tta`` as in ``tta_logits``."""
+def evaluate(model: nn.Module, loader, device: torch.device, metrics: ConfusionMetrics,
+             infer: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+             amp_dtype: Optional[torch.dtype] = None, progress: bool = False) -> ConfusionMetrics:
+    """``metrics`` updated with the model's outputs over ``loader`` (``infer(model, images)``, plain ``model(images)``
+    by default), and the unreadable images met on the way; not yet reduced over ranks."""
     from tqdm import tqdm
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    hits = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)  # [true, predicted]
-    unreadable = []
-    k = min(5, num_classes)
     for images, targets, bad in tqdm(loader, desc='eval', disable=not progress, leave=False, dynamic_ncols=True):
-        unreadable += bad
+        metrics.unreadable += bad
         if len(targets) == 0:
             continue
         images, targets = images.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = tta_logits(model, images, tta)
-        loss_sum += F.cross_entropy(logits, targets, reduction='sum').double()
-        top = logits.topk(k, dim=1).indices
-        hits[0] += (top[:, 0] == targets).sum()
-        hits[1] += (top == targets[:, None]).any(dim=1).sum()
-        confusion += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes ** 2).view(
-            num_classes, num_classes).double()
-    return dict(loss_sum=loss_sum, hits=hits, confusion=confusion, unreadable=unreadable)
-
-
-def summarize(sums: Dict[str, Any]) -> Dict[str, Any]:
-    """Averages (percent for accuracies) from ``evaluate`` sums."""
-    confusion = sums['confusion'].cpu()
-    n = confusion.sum().item()
-    if n == 0:
-        raise ValueError('no readable validation images; check the data folder.')
-    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1) * 100).tolist()
-    return dict(loss=sums['loss_sum'].item() / n, top1=sums['hits'][0].item() / n * 100,
-                top5=sums['hits'][1].item() / n * 100, count=int(n), per_class=per_class)
+            output = infer(model, images) if infer is not None else model(images)
+        metrics.update(output.float(), targets)
+    return metrics
 
 
 def save_confusion_png(confusion: torch.Tensor, classes: Sequence[str], path: str, title: str = '') -> None:
@@ -168,13 +99,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run(args) -> None:
+    from dynamixer.model_dir import load_model_dir, task_of
+    device = resolve_device(args.device)
+    model = load_model_dir(args.model_dir, device)
+    if task_of(model) == 'segmentation':
+        from dynamixer.tasks.segmentation import evaluate_command
+        return evaluate_command(model, args, device)
+    return _evaluate_classifier(model, args, device)
+
+
+def _evaluate_classifier(model: nn.Module, args, device: torch.device) -> None:
+    from functools import partial
     from timm.data import resolve_data_config
     from torch.utils.data import DataLoader
     from dynamixer.data import collate, eval_transform, load_splits
+    from dynamixer.model_dir import label_names
+    from dynamixer.tasks.metrics import ClassificationMetrics
 
-    device = resolve_device(args.device)
-    model = load_model_dir(args.model_dir, device)
     classes = label_names(model)
+    if (Path(args.data) / 'trainannot').is_dir():
+        raise ValueError(f'{args.data} is a segmentation dataset (it has trainannot/) but {args.model_dir} is a '
+                         f'classification model; evaluate a segmentation model on it.')
     splits = load_splits(args.data, args.data_dir, args.val_split, args.split_seed, in_chans=model.in_chans)
     if splits.classes != classes:
         raise ValueError(f'the data has classes {splits.classes[:5]}... but the model was trained on '
@@ -182,14 +127,13 @@ def run(args) -> None:
     val = splits.val
     val.transform = eval_transform(resolve_data_config(model=model))
     loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
-    sums = evaluate(model, loader, device, len(classes), progress=sys.stderr.isatty(), tta=args.tta)
-    metrics = summarize(sums)
-    folder = model_folder(args.model_dir)  # the run folder holds the plot, whether the run or its model/ is given
-    png = args.confusion or str(folder.parent / 'confusion.png' if folder else f'confusion-{args.model_dir}.png')
-    save_confusion_png(sums['confusion'], classes, png,
-                       title=f'{splits.name} val: top-1 {metrics["top1"]:.2f}%')
-    metrics.update(confusion_png=png, unreadable=len(sums['unreadable']), tta=args.tta)
-    for u in sums['unreadable']:
+    sums = evaluate(model, loader, device, ClassificationMetrics(len(classes), device),
+                    infer=partial(tta_logits, tta=args.tta), progress=sys.stderr.isatty())
+    metrics = sums.compute()
+    png = confusion_path(args)
+    save_confusion_png(sums.confusion, classes, png, title=f'{splits.name} val: top-1 {metrics["top1"]:.2f}%')
+    metrics.update(confusion_png=png, unreadable=len(sums.unreadable), tta=args.tta)
+    for u in sums.unreadable:
         print(f'warning: skipped unreadable image {u.path} ({u.reason})', file=sys.stderr)
     if args.json:
         metrics['per_class'] = dict(zip(classes, metrics['per_class']))
@@ -201,6 +145,13 @@ def run(args) -> None:
     width = max(len(c) for c in classes)
     for c, acc in zip(classes, metrics['per_class']):
         print(f'  {c:<{width}}  {acc:6.2f}%')
-    if sums['unreadable']:
-        print(f'skipped {len(sums["unreadable"])} unreadable images')
+    if sums.unreadable:
+        print(f'skipped {len(sums.unreadable)} unreadable images')
     print(f'confusion matrix: {png}')
+
+
+def confusion_path(args) -> str:
+    """--confusion, else beside the model: the run folder holds the plot, whether the run or its model/ is given."""
+    from dynamixer.model_dir import model_folder
+    folder = model_folder(args.model_dir)
+    return args.confusion or str(folder.parent / 'confusion.png' if folder else f'confusion-{args.model_dir}.png')

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from dynamixer.cli import EXPORT_FORMATS
-from dynamixer.evaluate import load_model_dir
+from dynamixer.model_dir import load_model_dir
 from dynamixer.io import atomic_write
 
 FORMATS = EXPORT_FORMATS

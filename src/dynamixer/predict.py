@@ -1,4 +1,5 @@
-"""Classify image files with a trained DynaMixer: the top-k classes and their probabilities.
+"""Classify image files with a trained DynaMixer: the top-k classes and their probabilities; or, with a
+segmentation model, write each image's mask (class index a pixel) and a colour overlay.
 
 ``dynamixer predict --model-dir runs/digits/model a.png b.png`` preprocesses each image the way the model's
 own data config says (timm ``resolve_data_config`` on the loaded model: size, crop, mean/std, channels).
@@ -15,7 +16,7 @@ import torch
 def predict(model: torch.nn.Module, paths: List[str], topk: int, device: torch.device) -> List[Dict[str, Any]]:
     from timm.data import resolve_data_config
     from dynamixer.data import eval_transform, open_image
-    from dynamixer.evaluate import label_names
+    from dynamixer.model_dir import label_names
     config = resolve_data_config(model=model)
     transform = eval_transform(config)
     names = label_names(model)
@@ -32,9 +33,12 @@ def predict(model: torch.nn.Module, paths: List[str], topk: int, device: torch.d
 
 
 def run(args) -> None:
-    from dynamixer.evaluate import load_model_dir, resolve_device
+    from dynamixer.evaluate import resolve_device
+    from dynamixer.model_dir import load_model_dir, task_of
     device = resolve_device(args.device)
     model = load_model_dir(args.model_dir, device)
+    if task_of(model) == 'segmentation':
+        return _segment(model, args, device)
     for path in args.images:  # one at a time, so results come out before any bad file stops the run
         result = predict(model, [path], args.topk, device)[0]
         if 'warning' in result:
@@ -45,4 +49,19 @@ def run(args) -> None:
         print(result['file'])
         for t in result['top']:
             print(f'  {t["prob"] * 100:6.2f}%  {t["label"]}')
+        sys.stdout.flush()
+
+
+def _segment(model: torch.nn.Module, args, device: torch.device) -> None:
+    from pathlib import Path
+    from dynamixer.tasks.segmentation import predict_masks
+    output = Path(args.output or 'masks')
+    for path in args.images:
+        result = predict_masks(model, [path], output, device, slide=args.slide)[0]
+        if args.json:
+            print(json.dumps(result))
+        else:
+            top = ', '.join(f'{name} {share:.1f}%' for name, share in list(result['classes'].items())[:4])
+            print(f'{path}: {result["size"][0]}x{result["size"][1]} mask {result["mask"]}, overlay {result["overlay"]}'
+                  f' ({top})')
         sys.stdout.flush()

@@ -46,6 +46,13 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
         weight_decay=0.05, sched='cosine', warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.05,
         crop='pad', hflip=0.5, cutout=8, smoothing=0.1, amp='auto', compile=True, data_path='tensor', threads=None,
         save_model='last', tta='flip-shift'),
+    # Semantic segmentation of CamVid-style folders in a fixed wall-clock budget on a CPU (docs/segmentation.md):
+    # the DynaMixer pyramid under a narrow FPN, random-scale crops, whole images at their own size for validation.
+    'camvid': lambda model: dict(
+        task='segmentation', model='dynamixer_pyramid_t', time_budget=60., epochs=1000, batch_size=8, opt='adamw',
+        lr=2e-3, weight_decay=0.01, sched='cosine', warmup_epochs=2, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.05,
+        crop_size=(256, 256), scale=(0.5, 2.0), hflip=0.5, smoothing=0., amp='auto', compile=False,
+        class_weights='sqrt-median-freq', threads=None, save_model='last'),
 }
 
 NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', 'overwrite', '_run', '_explicit'}
@@ -91,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--config', default=None, help='YAML file of settings (keys as the flag names, - or _); '
                                                   'flags given on the command line win')
     g = parser.add_argument_group('data')
+    g.add_argument('--task', default='auto', choices=['auto', 'classification', 'segmentation'],
+                   help="what to learn; auto: segmentation for a --data folder with trainannot/ (CamVid's layout: "
+                        "train/, trainannot/, val/, valannot/, classes.txt), else classification")
     g.add_argument('--data', default='digits',
                    help='digits (scikit-learn, 8x8), cifar10, cifar100 (torchvision, downloaded into --data-dir), '
                         'or a folder with train/ and val/ (or only train/ with --val-split), one sub-folder per class')
@@ -137,6 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--drop-path', type=number(at_least=0, below=1), default=0.1,
                    help='stochastic depth rate (grows linearly over blocks)')
     g.add_argument('--drop', type=number(at_least=0, below=1), default=0., help='dropout before the classifier')
+    g.add_argument('--decoder-channels', type=number(int, at_least=32), default=64,
+                   help="segmentation: width of the FPN decoder's pyramid and segmentation blocks (a multiple of 32)")
     g = parser.add_argument_group('optimisation')
     g.add_argument('--epochs', type=number(int, at_least=1), default=40, help='training epochs')
     g.add_argument('--batch-size', type=number(int, at_least=1), default=64,
@@ -165,8 +177,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="'rrc': timm's random resized crop pipeline (ImageNet); 'pad': pad-and-crop for small images; "
                         "'none': no crop (a one-pixel shift is an eighth of a digit); "
                         "'auto': none for digits, pad for other inputs <= 64 px (CIFAR), else rrc")
-    g.add_argument('--scale', type=number(above=0, at_most=1), nargs=2, default=(0.08, 1.0),
-                   help='random resized crop area range (rrc)')
+    g.add_argument('--scale', type=number(above=0), nargs=2, default=(0.08, 1.0),
+                   help='classification: random resized crop area range (rrc, at most 1); segmentation: range of '
+                        'the random zoom before the crop (camvid: 0.5 2)')
+    g.add_argument('--crop-size', type=number(int, at_least=16), nargs=2, default=(256, 256), metavar=('H', 'W'),
+                   help='segmentation: training crop (validation sees whole images at their own size)')
+    g.add_argument('--class-weights', default='none', choices=['none', 'median-freq', 'sqrt-median-freq'],
+                   help="segmentation: weight the loss per class from the training labels' pixel frequencies "
+                        "(SegNet's median-frequency balancing, or its square root), for the rare classes")
+    g.add_argument('--slide', action=boolean, default=False,
+                   help='segmentation: validate in overlapping windows of the training crop (for fixed-size '
+                        'backbones such as ViP) instead of whole images')
     g.add_argument('--hflip', type=number(at_least=0, at_most=1), default=None,
                    help='horizontal flip probability (default: 0 for digits, '
                         'else 0.5)')
@@ -287,6 +308,14 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     if layered['recipe'] == 'finetune' and not layered['init_checkpoint']:
         raise ValueError('--recipe finetune starts from pretrained weights; give --init-checkpoint '
                          '(a model/ folder, .safetensors or official .pth).')
-    for key in ('scale',):
+    for key in ('scale', 'crop_size'):
         layered[key] = list(layered[key])
+    from dynamixer.tasks import detect_task
+    layered['task'] = detect_task(str(layered['data']), layered['task'])
+    if layered['task'] == 'segmentation' and 'model' not in explicit and layered['model'] == defaults['model']:
+        from dynamixer.tasks import DEFAULT_SEGMENTATION_BACKBONE
+        layered['model'] = DEFAULT_SEGMENTATION_BACKBONE
+    if layered['task'] != 'segmentation' and 'scale' in explicit and max(layered['scale']) > 1:
+        raise ValueError(f'--scale {layered["scale"][0]} {layered["scale"][1]}: a random resized crop keeps at most '
+                         f'the whole image; give an area range within 0 and 1.')
     return argparse.Namespace(**layered, resume=args.resume, overwrite=args.overwrite)

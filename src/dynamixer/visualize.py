@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from dynamixer.evaluate import load_model_dir as load_model
+from dynamixer.model_dir import load_model_dir as load_model
 
 __all__ = ['load_model', 'load_image', 'parse_block', 'parse_token', 'block_mixing_matrices', 'token_weights',
            'draw', 'visualize']

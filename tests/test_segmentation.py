@@ -1,0 +1,269 @@
+"""Segmentation: the DynaMixer pyramid at any size, the FPN segmenter on any timm backbone, metrics, and training,
+eval and predict through the one loop, end to end on a tiny synthetic CamVid-style folder."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import dynamixer  # noqa: F401  registers the variants
+from dynamixer import cli
+from dynamixer.models.dynamixer import DynaMixerOp
+from dynamixer.models.segmentation import Segmenter
+from dynamixer.tasks.metrics import SegmentationMetrics
+from dynamixer.tasks.segmentation import class_weights, segment, slide_logits
+
+# A pyramid small enough to train in seconds: windows of 4 tokens, one block a stage.
+TINY_PYRAMID = ['depths=(1,1,1,1)', 'embed_dims=(16,16,32,32)', 'num_segments=(2,2,4,4)', 'window_size=4']
+COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
+
+
+def make_seg_folder(root: Path, train: int = 12, val: int = 4, size=(32, 48), seed: int = 0) -> Path:
+    """train/, trainannot/, val/, valannot/, classes.txt: each image a few coloured boxes on a red background,
+    the label map saying which colour (class) every pixel is, with a void (11) one-pixel frame."""
+    rng = np.random.default_rng(seed)
+    (root / 'classes.txt').parent.mkdir(parents=True, exist_ok=True)
+    (root / 'classes.txt').write_text('red\ngreen\nblue\n')
+    H, W = size
+    for split, count in (('train', train), ('val', val)):
+        (root / split).mkdir(exist_ok=True)
+        (root / f'{split}annot').mkdir(exist_ok=True)
+        for i in range(count):
+            label = np.zeros((H, W), dtype=np.uint8)
+            for _ in range(3):
+                y, x = rng.integers(0, H - 8), rng.integers(0, W - 8)
+                label[y:y + rng.integers(6, 14), x:x + rng.integers(6, 14)] = rng.integers(1, 3)
+            image = np.clip(COLOURS[label] + rng.normal(0, 15, (H, W, 3)), 0, 255).astype(np.uint8)
+            label[0, :] = label[-1, :] = label[:, 0] = label[:, -1] = 11
+            Image.fromarray(image).save(root / split / f'{split}{i:03d}.png')
+            Image.fromarray(label, mode='L').save(root / f'{split}annot' / f'{split}{i:03d}.png')
+    return root
+
+
+@pytest.fixture
+def seg_folder(tmp_path):
+    return make_seg_folder(tmp_path / 'camvid_tiny')
+
+
+def _cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _train(capsys, data, out, *extra):
+    return _cli(capsys, 'train', '--data', str(data), '--output', str(out), '--no-progress', '--epochs', '3',
+                '--batch-size', '4', '--crop-size', '32', '32', '--scale', '0.75', '1.25', '--lr', '5e-3',
+                '--warmup-epochs', '0', '--decoder-channels', '32', '--threads', '1',
+                '--model-kwargs', *TINY_PYRAMID, *extra)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pyramid
+
+@pytest.mark.parametrize('size', [(100, 133), (256, 256), (37, 300), (520, 70)])
+def test_pyramid_gives_four_levels_at_strides_4_to_32_at_any_size(size):
+    model = timm.create_model('dynamixer_pyramid_t', features_only=True, pretrained=False)
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    lines = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: lines.append((mod.seq_len, args[0].shape[1])))
+             for m in model.modules() if isinstance(m, DynaMixerOp)]
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, *size))
+    for h in hooks:
+        h.remove()
+    H, W = size
+    for f, stride, chs in zip(features, (4, 8, 16, 32), model.feature_info.channels()):
+        assert f.shape[1] == chs and abs(f.shape[2] - H / stride) < 1 and abs(f.shape[3] - W / stride) < 1
+    assert lines and all(built == seen == 16 for built, seen in lines)  # every line mixed in windows of 16
+
+
+def test_a_long_line_is_mixed_window_by_window_and_a_line_of_one_window_as_a_whole():
+    torch.manual_seed(0)
+    windowed = timm.create_model('dynamixer_pyramid_t', num_classes=0).eval()
+    from dynamixer.models import MODEL_ARGS, DynaMixer
+    args = {k: v for k, v in MODEL_ARGS['dynamixer_pyramid_t'].items() if k not in ('window_size', 'dynamic_img_size')}
+    whole = DynaMixer(**dict(args, img_size=64), num_classes=0).eval()  # stride 4: lines of 16 tokens in stage 0
+    whole.stem.load_state_dict(windowed.stem.state_dict())
+    whole.stages[0].load_state_dict(windowed.stages[0].state_dict())
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.allclose(windowed.stages[0](windowed.stem(x)), whole.stages[0](whole.stem(x)), atol=1e-5)
+        op = windowed.stages[0].blocks[0].token_mixer.row_mix
+        lines = torch.randn(3, 20, 32)  # a window of 16 and one of 4 (padded, masked)
+        mixed = op.mix_lines(lines, allow_windows=True)
+        assert torch.allclose(mixed[:, :16], op(lines[:, :16]), atol=1e-5)  # windows do not see each other
+        longer = torch.cat([lines, torch.randn(3, 5, 32)], dim=1)  # the second window's padding filled with tokens
+        assert not torch.allclose(op.mix_lines(longer, allow_windows=True)[:, 16:20], mixed[:, 16:20], atol=1e-3)
+
+
+def test_smp_takes_the_pyramid_at_its_defaults():
+    from segmentation_models_pytorch.encoders.timm_universal import TimmUniversalEncoder
+    encoder = TimmUniversalEncoder('dynamixer_pyramid_t', pretrained=False, depth=5)
+    assert encoder._is_transformer_style and encoder.out_channels == [3, 0, 32, 64, 128, 256]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the segmenter
+
+@pytest.mark.parametrize('backbone,kwargs', [('dynamixer_pyramid_t', dict(zip(
+    ('depths', 'embed_dims', 'num_segments', 'window_size'), ((1, 1, 1, 1), (16, 16, 32, 32), (2, 2, 4, 4), 4)))),
+    ('resnet10t', {}), ('convnext_atto', {})])
+def test_segmenter_masks_have_the_input_size_on_any_timm_backbone(backbone, kwargs):
+    model = Segmenter(backbone, num_classes=5, decoder_channels=32, backbone_args=kwargs).eval()
+    for size in [(64, 64), (45, 70), (97, 33)]:
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, *size))
+        assert out.shape == (2, 5, *size)
+
+
+def test_segmenter_refuses_images_with_the_wrong_channels():
+    model = Segmenter('resnet10t', num_classes=3, decoder_channels=32)
+    with pytest.raises(ValueError, match=r'expected images shaped \(batch, 3, H, W\)'):
+        model(torch.randn(1, 1, 32, 32))
+
+
+def test_slide_windows_give_a_per_pixel_model_its_whole_image_logits():
+    torch.manual_seed(0)
+    per_pixel = torch.nn.Conv2d(3, 4, 1)
+    images = torch.randn(2, 3, 50, 70)
+    with torch.no_grad():
+        assert torch.allclose(slide_logits(per_pixel, images, (32, 32)), per_pixel(images), atol=1e-6)
+        small = torch.randn(1, 3, 20, 25)  # smaller than the window: padded, cropped back
+        assert torch.allclose(slide_logits(per_pixel, small, (32, 32)), per_pixel(small), atol=1e-6)
+    seen = []
+    fixed = lambda x: seen.append(tuple(x.shape[-2:])) or per_pixel(x)  # noqa: E731
+    with torch.no_grad():
+        slide_logits(fixed, images, (32, 32))
+    assert set(seen) == {(32, 32)}  # a fixed-size model only ever sees its own size
+
+
+def test_flip_tta_mirrors_the_logits_back():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 2, (1, 3), padding=(0, 1))  # not mirror-symmetric
+    x = torch.randn(1, 3, 8, 10)
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(-1)).flip(-1)) / 2
+        assert torch.allclose(segment(model, x, 'flip'), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="tta 'none' or 'flip'"):
+        segment(model, x, 'flip-shift')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+
+def test_miou_and_pixel_accuracy_on_a_hand_made_case():
+    metrics = SegmentationMetrics(3)
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]]])  # two void pixels
+    predicted = torch.tensor([[[0, 1, 1, 1], [2, 0, 0, 1]]])
+    metrics.update(torch.nn.functional.one_hot(predicted, 3).permute(0, 3, 1, 2).float() * 10, labels)
+    result = metrics.compute()
+    # class 0: tp 1, fp 1 (a 2 predicted 0), fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: tp 1, fn 1 -> 1/2
+    assert result['iou'] == pytest.approx([100 / 3, 200 / 3, 50])
+    assert result['miou'] == pytest.approx((100 / 3 + 200 / 3 + 50) / 3)
+    assert result['pixel_acc'] == pytest.approx(4 / 6 * 100) and result['count'] == 6
+
+
+def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_mean():
+    metrics = SegmentationMetrics(3)
+    labels = torch.tensor([[[0, 1]]])
+    metrics.update(torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float(), labels)
+    result = metrics.compute()
+    assert result['miou'] == 100 and math.isnan(result['iou'][2])
+
+
+def test_class_weights_are_median_frequency_balanced():
+    labels = [torch.tensor([[0] * 6 + [1] * 3 + [2] * 1 + [255] * 5], dtype=torch.uint8)]
+    weights = class_weights(labels, 4, 'median-freq')  # frequencies 0.6, 0.3, 0.1; class 3 never seen
+    assert weights.tolist() == pytest.approx([0.5, 1., 3., 3.])
+    assert class_weights(labels, 4, 'sqrt-median-freq').tolist() == pytest.approx([0.5 ** .5, 1., 3 ** .5, 3 ** .5])
+    assert class_weights(labels, 4, 'none') is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training, eval, predict
+
+def test_segmentation_trains_through_the_one_loop_and_its_folder_evaluates_and_predicts(seg_folder, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / 'run'
+    code, stdout, err = _train(capsys, seg_folder, out)
+    assert code == 0, err
+    history = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert len(history) == 3 and history[-1]['train_loss'] < history[0]['train_loss']
+    assert set(history[-1]['val_iou']) == {'red', 'green', 'blue'} and 0 <= history[-1]['val_miou'] <= 100
+    assert 'val_miou' in stdout and 'done: best val mIoU' in stdout
+    config = json.loads((out / 'model' / 'config.json').read_text())
+    assert config['task'] == 'segmentation' and config['pretrained_cfg']['label_names'] == ['red', 'green', 'blue']
+
+    from dynamixer.model_dir import load_model_dir
+    model = load_model_dir(str(out))  # one call, from the run folder
+    assert isinstance(model, Segmenter) and not model.training
+
+    code, stdout, err = _cli(capsys, 'eval', '--model-dir', str(out / 'model'), '--data', str(seg_folder), '--json')
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result['miou'] == pytest.approx(history[-1]['val_miou'], abs=1e-3)  # the run's own last validation
+    assert set(result['iou']) == {'red', 'green', 'blue'} and 0 <= result['pixel_acc'] <= 100
+    assert Path(result['confusion_png']).is_file()
+    code, stdout, err = _cli(capsys, 'eval', '--model-dir', str(out / 'model'), '--data', str(seg_folder), '--json',
+                             '--resize', '64', '96')
+    assert code == 0, err and json.loads(stdout)['sizes'] == [[64, 96]]
+
+    image = seg_folder / 'val' / 'val000.png'
+    big = tmp_path / 'big.jpg'
+    Image.open(image).resize((75, 41)).save(big)
+    code, stdout, err = _cli(capsys, 'predict', '--model-dir', str(out / 'model'), '--output', str(tmp_path / 'masks'),
+                             '--json', str(image), str(big))
+    assert code == 0, err
+    records = [json.loads(line) for line in stdout.splitlines()]
+    for record, size in zip(records, [(32, 48), (41, 75)]):
+        mask = Image.open(record['mask'])
+        assert mask.mode == 'L' and mask.size == size[::-1] and np.asarray(mask).max() < 3
+        assert Image.open(record['overlay']).size == size[::-1]
+        assert record['size'] == list(size)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_segmentation_run_killed_after_an_epoch_and_resumed_ends_bitwise_where_a_straight_run_ends(
+        seg_folder, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+    from dynamixer.train import Trainer
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    assert _train(capsys, seg_folder, straight, '--deterministic')[0] == 0
+    save_checkpoint = Trainer.save_checkpoint
+
+    def killed_after_the_first_epoch(self, epoch, step):
+        save_checkpoint(self, epoch, step)
+        if epoch == 1:
+            raise Killed
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, 'save_checkpoint', killed_after_the_first_epoch)
+        with pytest.raises(Killed):
+            _train(capsys, seg_folder, split, '--deterministic')
+    code, _, err = _cli(capsys, 'train', '--output', str(split), '--resume', '--no-progress')
+    assert code == 0, err
+    a, b = (load_file(str(run / 'model' / 'model.safetensors')) for run in (straight, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [(run / 'metrics.jsonl').read_text().splitlines() for run in (straight, split)]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ('img_per_sec', 'epoch_time', 'wall_min')}  # noqa: E731
+    assert [strip(x) for x in lines[0]] == [strip(x) for x in lines[1]]
+
+
+def test_a_classification_model_given_segmentation_data_and_the_reverse_say_so(seg_folder, tmp_path, capsys):
+    from conftest import TINY_MODEL, make_image_folder
+    images = make_image_folder(tmp_path / 'cls' / 'train')
+    make_image_folder(tmp_path / 'cls' / 'val')
+    assert _cli(capsys, 'train', '--data', str(images.parent), '--output', str(tmp_path / 'cls_run'), '--epochs', '1',
+                '--no-progress', '--batch-size', '8', *TINY_MODEL)[0] == 0
+    code, _, err = _cli(capsys, 'eval', '--model-dir', str(tmp_path / 'cls_run'), '--data', str(seg_folder))
+    assert code == 2 and 'is a segmentation dataset' in err and err.count('\n') == 1
+    assert _train(capsys, seg_folder, tmp_path / 'seg_run', '--epochs', '1')[0] == 0
+    code, _, err = _cli(capsys, 'eval', '--model-dir', str(tmp_path / 'seg_run'), '--data', str(images.parent))
+    assert code == 2 and 'is not a segmentation folder' in err and err.count('\n') == 1
