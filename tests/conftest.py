@@ -9,6 +9,9 @@ from PIL import Image
 # A DynaMixer small enough to train in a second on 8 x 8 images (about 20k parameters).
 TINY_MODEL = ['--model-kwargs', 'patch_size=1', 'depths=(1,1,1,1)', 'embed_dims=(16,16,32,32)',
               'stage_strides=(1,1,2,1)', 'num_segments=(2,2,4,4)']
+# A segmentation pyramid small enough to train in seconds: windows of 4 tokens, one block a stage.
+TINY_PYRAMID = ['depths=(1,1,1,1)', 'embed_dims=(16,16,32,32)', 'num_segments=(2,2,4,4)', 'window_size=4']
+SEG_COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
 
 
 def make_image_folder(root: Path, classes=('cat', 'dog', 'fox'), per_class: int = 12, size: int = 8,
@@ -23,6 +26,29 @@ def make_image_folder(root: Path, classes=('cat', 'dog', 'fox'), per_class: int 
             base[..., i % 3] = 200
             image = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
             Image.fromarray(image).save(folder / f'{j:03d}.png')
+    return root
+
+
+def make_seg_folder(root: Path, train: int = 12, val: int = 4, size=(32, 48), seed: int = 0, void: int = 11) -> Path:
+    """train/, trainannot/, val/, valannot/, classes.txt (red, green, blue): each image a few coloured boxes on a
+    red background, the label map saying which colour (class) every pixel is, with a one-pixel frame of ``void``
+    (11 as in CamVid: beyond the 3 classes, so void with a warning; 3 or 255: void without one)."""
+    rng = np.random.default_rng(seed)
+    (root / 'classes.txt').parent.mkdir(parents=True, exist_ok=True)
+    (root / 'classes.txt').write_text('red\ngreen\nblue\n')
+    H, W = size
+    for split, count in (('train', train), ('val', val)):
+        (root / split).mkdir(exist_ok=True)
+        (root / f'{split}annot').mkdir(exist_ok=True)
+        for i in range(count):
+            label = np.zeros((H, W), dtype=np.uint8)
+            for _ in range(3):
+                y, x = rng.integers(0, H - 8), rng.integers(0, W - 8)
+                label[y:y + rng.integers(6, 14), x:x + rng.integers(6, 14)] = rng.integers(1, 3)
+            image = np.clip(SEG_COLOURS[label] + rng.normal(0, 15, (H, W, 3)), 0, 255).astype(np.uint8)
+            label[0, :] = label[-1, :] = label[:, 0] = label[:, -1] = void
+            Image.fromarray(image).save(root / split / f'{split}{i:03d}.png')
+            Image.fromarray(label, mode='L').save(root / f'{split}annot' / f'{split}{i:03d}.png')
     return root
 
 

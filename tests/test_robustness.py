@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL, child_pids, make_image_folder, train_args, write_corrupt_jpeg
+from conftest import (SEG_COLOURS, TINY_MODEL, TINY_PYRAMID, child_pids, make_image_folder, make_seg_folder,
+                      train_args, write_corrupt_jpeg)
 from dynamixer import cli
 
 DOC = Path(__file__).resolve().parent.parent / 'docs' / 'robustness.md'
@@ -38,7 +39,7 @@ class Row:
 
 
 class Context:
-    """A case's workspace: a folder of its own, a finished tiny run and a trained digits model to copy."""
+    """A case's workspace: a folder of its own, and finished tiny runs (a folder's, digits', segmentation) to copy."""
 
     def __init__(self, tmp: Path, templates: Dict[str, Path], capsys, monkeypatch):
         self.tmp, self.templates, self.capsys, self.monkeypatch = tmp, templates, capsys, monkeypatch
@@ -420,18 +421,198 @@ def unknown_command(ctx: Context) -> Row:
     return Row('a misspelt command', 'dynamixer trian', err.splitlines()[0], 'nothing (the command list follows)')
 
 
+# ------------------------------------------------------------------------------------------ segmentation data
+
+# A segmentation run small enough to finish in seconds (the flags of tests/test_segmentation.py, one epoch).
+SEG_TINY = ('--no-progress', '--epochs', '1', '--batch-size', '4', '--crop-size', '32', '32', '--scale', '0.75',
+            '1.25', '--warmup-epochs', '0', '--decoder-channels', '32', '--threads', '1')
+
+
+def _seg_args(output: Path, data: Path, *flags: str) -> List[str]:
+    """``dynamixer train`` of the tiny pyramid on ``data``, its decoded-image cache beside ``output``; ``flags`` win
+    over the tiny settings."""
+    return ['train', '--data', data, '--output', output, '--cache-dir', output.parent / 'cache', *SEG_TINY, *flags,
+            '--model-kwargs', *TINY_PYRAMID]
+
+
+def _camvid(ctx: Context) -> Path:
+    """A fresh 3-class folder of the case's own (12 train, 4 val pairs), void framed as CamVid does (value 3)."""
+    return make_seg_folder(ctx.tmp / 'camvid', void=3)
+
+
+def _seg_run_warns(ctx: Context, data: Path, file: Path, train_images: int) -> str:
+    """Trains on ``data``: the run finishes on ``train_images`` pairs (and all 4 val), and its one warning,
+    shown, names ``file``."""
+    code, out, err = ctx.cli(_seg_args(ctx.tmp / 'run', data))
+    assert code == 0 and (ctx.tmp / 'run' / 'model').is_dir() and 'Traceback' not in err, err
+    assert f'{train_images} train / 4 val images' in out, out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('warning:') and str(file) in lines[0], err
+    return ctx.shown(lines[0])
+
+
+@case
+def seg_label_map_of_another_size(ctx: Context) -> Row:
+    data = _camvid(ctx)
+    label = data / 'trainannot' / 'train003.png'
+    Image.open(label).resize((24, 16), Image.NEAREST).save(label)
+    warning = _seg_run_warns(ctx, data, label, train_images=11)
+    assert 'label map is 24x16 but its image' in warning and 'is 48x32' in warning
+    return Row('a label map of another size than its image', 'dynamixer train --data DIR/camvid', warning,
+               'the run, without that pair')
+
+
+for _missing in ('label map', 'image'):
+    def _unpaired(ctx: Context, missing=_missing) -> Row:
+        data = _camvid(ctx)
+        (data / ('trainannot' if missing == 'label map' else 'train') / 'train003.png').unlink()
+        message = ctx.error(_seg_args(ctx.tmp / 'run', data), f'have no {missing} of the same name', '(train003)')
+        assert not (ctx.tmp / 'run').exists()
+        what = 'an image without a label map' if missing == 'label map' else 'a label map without an image'
+        return Row(what, 'dynamixer train --data DIR/camvid', message, 'nothing was written')
+    _unpaired.__name__ = f'seg_{_missing.replace(" ", "_")}_missing'
+    case(_unpaired)
+
+
+@case
+def seg_label_values_beyond_the_classes(ctx: Context) -> Row:
+    data = _camvid(ctx)
+    label = data / 'trainannot' / 'train002.png'
+    values = np.array(Image.open(label))
+    values[4:12, 4:12] = 37  # a class of some larger labelling, in a 3-class set whose void is 3
+    Image.fromarray(values, mode='L').save(label)
+    warning = _seg_run_warns(ctx, data, label, train_images=12)
+    assert 'beyond the 3 classes of classes.txt (37)' in warning and 'treated as void' in warning
+    # what the run trained on (its decoded-image cache): those pixels void (255), the rest as labelled
+    caches = [torch.load(p, weights_only=True) for p in (ctx.tmp / 'cache').glob('seg-*.pt')]
+    train = next(c for c in caches if 'train002' in c['names'])
+    stored = train['labels'][train['names'].index('train002')].numpy()
+    assert (stored[4:12, 4:12] == 255).all() and (stored[values < 3] == values[values < 3]).all()
+    return Row('label values beyond the classes that are not void (37 in a 3-class set)',
+               'dynamixer train --data DIR/camvid', warning, 'the run, with those pixels ignored as void')
+
+
+@case
+def seg_colour_label_map(ctx: Context) -> Row:
+    data = _camvid(ctx)
+    label = data / 'trainannot' / 'train004.png'
+    values = np.array(Image.open(label))
+    colours = np.concatenate([SEG_COLOURS, [[0, 0, 0]]]).astype(np.uint8)  # void black, as colour-coded sets have it
+    Image.fromarray(colours[values]).save(label)  # an RGB PNG of colour-coded classes
+    warning = _seg_run_warns(ctx, data, label, train_images=11)
+    assert 'is a colour label map (RGB)' in warning and 'single-channel' in warning
+    return Row('a colour (RGB) label map among the label maps', 'dynamixer train --data DIR/camvid', warning,
+               'the run, without that pair')
+
+
+for _which in ('train', 'trainannot'):
+    def _truncated_png(ctx: Context, which=_which) -> Row:
+        data = _camvid(ctx)
+        png = data / which / 'train005.png'
+        png.write_bytes(png.read_bytes()[:png.stat().st_size // 2])
+        warning = _seg_run_warns(ctx, data, png, train_images=11)
+        assert 'truncated' in warning
+        return Row(f'a truncated PNG {"image" if which == "train" else "label map"}', 'dynamixer train --data '
+                   'DIR/camvid', warning, 'the run, without that pair')
+    _truncated_png.__name__ = f'seg_truncated_{"image" if _which == "train" else "label_map"}'
+    case(_truncated_png)
+
+
+@case
+def seg_empty_val_split(ctx: Context) -> Row:
+    data = _camvid(ctx)
+    for folder in ('val', 'valannot'):
+        for file in (data / folder).iterdir():
+            file.unlink()
+    message = ctx.error(_seg_args(ctx.tmp / 'run', data), 'no images found in', 'camvid/val;')
+    assert not (ctx.tmp / 'run').exists()
+    return Row('an empty split (val/ and valannot/ without files)', 'dynamixer train --data DIR/camvid', message,
+               'nothing was written')
+
+
+@case
+def seg_classes_txt_missing(ctx: Context) -> Row:
+    data = _camvid(ctx)
+    (data / 'classes.txt').unlink()
+    message = ctx.error(_seg_args(ctx.tmp / 'run', data), 'classes.txt is missing', 'one a line')
+    assert not (ctx.tmp / 'run').exists()
+    return Row('a segmentation folder without classes.txt', 'dynamixer train --data DIR/camvid', message,
+               'nothing was written')
+
+
+@case
+def seg_classes_txt_duplicate(ctx: Context) -> Row:
+    data = _camvid(ctx)
+    (data / 'classes.txt').write_text('road\nsky\nroad\n')
+    message = ctx.error(_seg_args(ctx.tmp / 'run', data), "names 'road' twice (lines 1 and 3)")
+    assert not (ctx.tmp / 'run').exists()
+    return Row('a class named twice in classes.txt', 'dynamixer train --data DIR/camvid', message,
+               'nothing was written')
+
+
+@case
+def seg_data_for_a_classification_model(ctx: Context) -> Row:
+    run, data = ctx.copy('run'), ctx.copy('camvid')
+    message = ctx.error(['eval', '--model-dir', run / 'model', '--data', data], 'is a segmentation dataset',
+                        'is a classification model')
+    assert not (run / 'confusion.png').exists()
+    return Row('segmentation data for a classification model', 'dynamixer eval --model-dir DIR/run/model --data '
+               'DIR/camvid', message, 'nothing')
+
+
+@case
+def classification_data_for_a_seg_model(ctx: Context) -> Row:
+    run, data = ctx.copy('seg_run'), ctx.copy('data')
+    message = ctx.error(['eval', '--model-dir', run / 'model', '--data', data], 'is a segmentation model',
+                        'is not a segmentation folder')
+    return Row('a classification folder for a segmentation model', 'dynamixer eval --model-dir DIR/seg_run/model '
+               '--data DIR/data', message, 'nothing')
+
+
+@case
+def seg_decoder_channels_not_a_multiple_of_32(ctx: Context) -> Row:
+    message = ctx.error(_seg_args(ctx.tmp / 'run', ctx.templates['camvid'], '--decoder-channels', '48'),
+                        'argument --decoder-channels: expected a multiple of 32', "got '48'")
+    assert not (ctx.tmp / 'run').exists()
+    return Row('a decoder width that is not a multiple of 32', 'dynamixer train --data DIR/camvid '
+               '--decoder-channels 48', message, 'nothing was started')
+
+
+@case
+def seg_train_flip_shift_tta(ctx: Context) -> Row:
+    message = ctx.error(_seg_args(ctx.tmp / 'run', ctx.templates['camvid'], '--tta', 'flip-shift'),
+                        '--tta flip-shift is for classification', '--tta none or flip')
+    assert not (ctx.tmp / 'run').exists()
+    return Row('--tta flip-shift (a classification TTA) for a segmentation run', 'dynamixer train --data DIR/camvid '
+               '--tta flip-shift', message, 'nothing was written')
+
+
+@case
+def seg_eval_flip_shift_tta(ctx: Context) -> Row:
+    run = ctx.copy('seg_run')
+    message = ctx.error(['eval', '--model-dir', run / 'model', '--data', ctx.templates['camvid'], '--tta',
+                         'flip-shift'], '--tta flip-shift is for classification', '--tta none or flip')
+    return Row('--tta flip-shift (a classification TTA) for a segmentation model',
+               'dynamixer eval --model-dir DIR/seg_run/model --data DIR/camvid --tta flip-shift', message,
+               'nothing')
+
+
 # ---------------------------------------------------------------------------------------------- the tests
 
 @pytest.fixture(scope='module')
 def templates(tmp_path_factory) -> Dict[str, Path]:
-    """A data folder, a finished one-epoch run on it, and a trained digits model folder."""
+    """A data folder, a finished one-epoch run on it, a trained digits model folder, and a segmentation folder
+    with a finished one-epoch segmentation run on it."""
     root = tmp_path_factory.mktemp('templates')
     data = root / 'data'
     make_image_folder(data / 'train', per_class=12, seed=0)
     make_image_folder(data / 'val', per_class=4, seed=1)
     assert cli.main(train_args(root / 'run', '--data', str(data), *TINY_RUN)) == 0
     assert cli.main(['train', '--output', str(root / 'digits'), '--no-progress', *TINY_MODEL, '--epochs', '1']) == 0
-    return {'data': data, 'run': root / 'run', 'digits': root / 'digits' / 'model'}
+    camvid = make_seg_folder(root / 'camvid', void=3)
+    assert cli.main([str(a) for a in _seg_args(root / 'seg_run', camvid)]) == 0
+    return {'data': data, 'run': root / 'run', 'digits': root / 'digits' / 'model', 'camvid': camvid,
+            'seg_run': root / 'seg_run'}
 
 
 ROWS: Dict[str, Row] = {}

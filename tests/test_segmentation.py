@@ -17,31 +17,7 @@ from dynamixer.models.segmentation import Segmenter
 from dynamixer.tasks.metrics import SegmentationMetrics
 from dynamixer.tasks.segmentation import class_weights, segment, slide_logits
 
-# A pyramid small enough to train in seconds: windows of 4 tokens, one block a stage.
-TINY_PYRAMID = ['depths=(1,1,1,1)', 'embed_dims=(16,16,32,32)', 'num_segments=(2,2,4,4)', 'window_size=4']
-COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
-
-
-def make_seg_folder(root: Path, train: int = 12, val: int = 4, size=(32, 48), seed: int = 0) -> Path:
-    """train/, trainannot/, val/, valannot/, classes.txt: each image a few coloured boxes on a red background,
-    the label map saying which colour (class) every pixel is, with a void (11) one-pixel frame."""
-    rng = np.random.default_rng(seed)
-    (root / 'classes.txt').parent.mkdir(parents=True, exist_ok=True)
-    (root / 'classes.txt').write_text('red\ngreen\nblue\n')
-    H, W = size
-    for split, count in (('train', train), ('val', val)):
-        (root / split).mkdir(exist_ok=True)
-        (root / f'{split}annot').mkdir(exist_ok=True)
-        for i in range(count):
-            label = np.zeros((H, W), dtype=np.uint8)
-            for _ in range(3):
-                y, x = rng.integers(0, H - 8), rng.integers(0, W - 8)
-                label[y:y + rng.integers(6, 14), x:x + rng.integers(6, 14)] = rng.integers(1, 3)
-            image = np.clip(COLOURS[label] + rng.normal(0, 15, (H, W, 3)), 0, 255).astype(np.uint8)
-            label[0, :] = label[-1, :] = label[:, 0] = label[:, -1] = 11
-            Image.fromarray(image).save(root / split / f'{split}{i:03d}.png')
-            Image.fromarray(label, mode='L').save(root / f'{split}annot' / f'{split}{i:03d}.png')
-    return root
+from conftest import TINY_PYRAMID, make_seg_folder
 
 
 @pytest.fixture

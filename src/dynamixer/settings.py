@@ -55,6 +55,18 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
         class_weights='sqrt-median-freq', threads=None, save_model='last'),
 }
 
+
+def _multiple_of_32(text: Any) -> int:
+    """--decoder-channels: the FPN decoder's segmentation blocks normalise in 32 groups."""
+    value = number(int, at_least=32)(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f'expected {_multiple_of_32.what} such as 32, 64 or 96 (the FPN decoder '
+                                         f'normalises in 32 groups), got {text!r}')
+    return value
+
+
+_multiple_of_32.what = 'a multiple of 32'
+
 NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', 'overwrite', '_run', '_explicit'}
 
 
@@ -147,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--drop-path', type=number(at_least=0, below=1), default=0.1,
                    help='stochastic depth rate (grows linearly over blocks)')
     g.add_argument('--drop', type=number(at_least=0, below=1), default=0., help='dropout before the classifier')
-    g.add_argument('--decoder-channels', type=number(int, at_least=32), default=64,
+    g.add_argument('--decoder-channels', type=_multiple_of_32, default=64,
                    help="segmentation: width of the FPN decoder's pyramid and segmentation blocks (a multiple of 32)")
     g = parser.add_argument_group('optimisation')
     g.add_argument('--epochs', type=number(int, at_least=1), default=40, help='training epochs')

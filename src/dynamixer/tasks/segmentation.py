@@ -199,6 +199,9 @@ def evaluate_command(model: nn.Module, args, device: torch.device) -> None:
     from dynamixer.evaluate import confusion_path, evaluate, save_confusion_png
     from dynamixer.model_dir import label_names
     from dynamixer.seg_data import SegBatchLoader, is_segmentation_folder, load_seg_data
+    if args.tta not in ('none', 'flip'):
+        raise ValueError(f'--tta {args.tta} is for classification; {args.model_dir} is a segmentation model, which '
+                         f'takes --tta none or flip.')
     if not is_segmentation_folder(args.data):
         raise ValueError(f'{args.model_dir} is a segmentation model but {args.data} is not a segmentation folder '
                          f'(train/, trainannot/, val/, valannot/, classes.txt); give one with --data.')
@@ -214,7 +217,7 @@ def evaluate_command(model: nn.Module, args, device: torch.device) -> None:
     loader = SegBatchLoader(val, min(args.batch_size, 4), config['mean'], config['std'], train=False)
     slide = config['crop_size'] if args.slide else None
     metrics = evaluate(model, loader, device, SegmentationMetrics(len(classes), device, VOID),
-                       infer=lambda m, x: segment(m, x, args.tta if args.tta != 'flip-shift' else 'flip', slide),
+                       infer=lambda m, x: segment(m, x, args.tta, slide),
                        progress=sys.stderr.isatty())
     result = metrics.compute()
     png = confusion_path(args)
