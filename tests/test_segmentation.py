@@ -77,6 +77,27 @@ def test_a_long_line_is_mixed_window_by_window_and_a_line_of_one_window_as_a_who
         assert not torch.allclose(op.mix_lines(longer, allow_windows=True)[:, 16:20], mixed[:, 16:20], atol=1e-3)
 
 
+@pytest.mark.parametrize('size', [(128, 128), (128, 192), (100, 140)])  # tiled by windows of 16 at strides 4 and 8; not
+def test_the_windowed_fast_path_gives_the_plain_modules_values_and_gradients(size, monkeypatch):
+    import dynamixer.models.fused as fused
+    tiled = []
+    monkeypatch.setattr(fused, '_tiled_window_branches',
+                        lambda *a, original=fused._tiled_window_branches: tiled.append(1) or original(*a))
+    torch.manual_seed(0)
+    fast = timm.create_model('dynamixer_pyramid_t', num_classes=0)
+    plain = timm.create_model('dynamixer_pyramid_t', num_classes=0, fast_path=False)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    a, b = fast.forward_features(x), plain.forward_features(x)
+    grad = torch.randn_like(a)
+    ga = torch.autograd.grad(a, [x, *fast.parameters()], grad)
+    gb = torch.autograd.grad(b, [x, *plain.parameters()], grad)
+    assert torch.allclose(a, b, atol=1e-5)
+    # gradients summed over many tokens: to 1e-5 of each tensor's own scale (fp32 sums in another order)
+    assert all((p - q).abs().max() <= 1e-5 * q.abs().max() for p, q in zip(ga, gb))
+    assert bool(tiled) == (size[0] % 64 == 0 and size[1] % 64 == 0)
+
+
 def test_smp_takes_the_pyramid_at_its_defaults():
     from segmentation_models_pytorch.encoders.timm_universal import TimmUniversalEncoder
     encoder = TimmUniversalEncoder('dynamixer_pyramid_t', pretrained=False, depth=5)
