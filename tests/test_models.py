@@ -429,10 +429,9 @@ def test_dynamic_img_size_runs_at_any_size(size):
 def test_windows_mix_only_within_themselves():
     """A line twice the trained length is mixed as two independent windows of the trained length."""
     op = tiny(dynamic_img_size=True).stages[0].blocks[0].token_mixer.row_mix
-    from dynamixer.models.dynamixer import _mix_lines
     x = torch.randn(3, 16, 16)
     with torch.no_grad():
-        out = _mix_lines(op, x, allow_windows=True)
+        out = op.mix_lines(x, allow_windows=True)
         assert torch.allclose(out[:, :8], op(x[:, :8]), atol=1e-6)
         assert torch.allclose(out[:, 8:], op(x[:, 8:]), atol=1e-6)
 
@@ -440,10 +439,9 @@ def test_windows_mix_only_within_themselves():
 def test_padding_is_masked():
     """Short lines are padded to the trained length, and the padding never leaks into real tokens."""
     op = tiny(dynamic_img_size=True).stages[0].blocks[0].token_mixer.row_mix
-    from dynamixer.models.dynamixer import _mix_lines
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
-        out = _mix_lines(op, x, allow_windows=True)
+        out = op.mix_lines(x, allow_windows=True)
         mix = op.mixing_matrix(F.pad(x, (0, 0, 0, 3)), torch.arange(8).expand(3, 8) < 5)
     assert out.shape == x.shape
     assert (mix[..., 5:] == 0).all()  # no weight on padded inputs
@@ -556,7 +554,7 @@ def test_verify_against_an_official_test_vector(official_tiny, tmp_path):
 
 
 def test_local_dir_folder_loads_its_weights_without_pretrained_flag(tmp_path):
-    from dynamixer.train import save_model_dir
+    from dynamixer.model_dir import save_model_dir
     trained = timm.create_model('dynamixer_cifar_t', num_classes=3, img_size=16)
     save_model_dir(trained, tmp_path / 'model', ['a', 'b', 'c'])
     loaded = timm.create_model(f'local-dir:{tmp_path / "model"}').eval()

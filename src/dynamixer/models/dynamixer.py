@@ -20,7 +20,7 @@ Parameter names are our own; ``dynamixer.convert_official_state_dict`` maps offi
 import dataclasses
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module  # global forward hooks (torch keeps them module-level)
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, get_device_dtype, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function, register_notrace_module
 from timm.models._manipulate import checkpoint_seq
 
 from dynamixer.models.state_dict import adapt_state_dict
-from dynamixer.models.vip import PermuteMixer, reweight_branches
+from dynamixer.models.vip import PermuteMixer, branch_means, reweight_branches
 from dynamixer.models.fused import (
     FastPath, autocast_dtype, branch_mixing, eager_cpu_inference, fuse_branches, layer_norm, linear, linear_add,
     linear_gelu, mix_project, onednn_fp32, onednn_inference, softmax)
@@ -63,6 +64,12 @@ def _plain(linears) -> bool:
         and not _hooked(linears)
 
 
+def _traced(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a symbolic value of FX tracing: the fast path reads devices, dtypes and grad modes that
+    FX cannot record, so traced graphs get the plain modules."""
+    return isinstance(x, torch.fx.Proxy)
+
+
 def _per_stage(value: Union[Any, Sequence[Any]], num_stages: int, name: str) -> Tuple[Any, ...]:
     """Accept one value for all stages or one per stage."""
     if isinstance(value, (list, tuple)):
@@ -83,6 +90,11 @@ class DynaMixerOp(nn.Module):
     The ``generate`` layer's outputs are laid out output-token-major, so that ``G.view(N_out, N_in)`` is
     softmax-normalised over contiguous memory (the official layout is input-major; the converter permutes).
     """
+    __jit_ignored_attributes__ = ['fast_path']  # scripted modules run the plain path
+    seq_len: Final[int]
+    num_segments: Final[int]
+    reduced_dim: Final[int]
+    generation: Final[str]
 
     def __init__(
             self,
@@ -91,7 +103,10 @@ class DynaMixerOp(nn.Module):
             num_segments: int = 8,
             reduced_dim: int = 2,
             generation: str = 'dynamic',
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if generation not in GENERATION_STRATEGIES:
             raise ValueError(f'generation must be one of {GENERATION_STRATEGIES}, got {generation!r}.')
@@ -105,22 +120,22 @@ class DynaMixerOp(nn.Module):
         self.generation = generation
         if generation == 'static':
             self.compress = None
-            self.logits = nn.Parameter(torch.zeros(num_segments, seq_len, seq_len))
+            self.logits = nn.Parameter(torch.zeros(num_segments, seq_len, seq_len, **dd))
             trunc_normal_(self.logits, std=.02)
         else:
-            self.compress = nn.Linear(dim, num_segments * reduced_dim)
+            self.compress = nn.Linear(dim, num_segments * reduced_dim, **dd)
             in_features = seq_len * reduced_dim if generation == 'dynamic' else reduced_dim
             out_features = seq_len * seq_len if generation == 'dynamic' else seq_len
-            self.generate = nn.Linear(in_features, out_features)
-        self.proj = nn.Linear(dim, dim)
+            self.generate = nn.Linear(in_features, out_features, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.fast_path = FastPath()
 
     def mixing_logits(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Un-normalised mixing matrices, ``(L, S, N_out, N_in)``."""
-        L, N, _ = x.shape
+        N = x.shape[1]
         S, d = self.num_segments, self.reduced_dim
         if self.compress is None:
-            return self.logits.unsqueeze(0).expand(L, -1, -1, -1)
+            return self.logits.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
         z = self.compress(x)
         if valid is not None:
             z = z * valid.unsqueeze(-1).to(z.dtype)  # padding contributes nothing to generation
@@ -134,43 +149,64 @@ class DynaMixerOp(nn.Module):
         logits = self.mixing_logits(x, valid)
         if valid is not None:
             logits = logits.masked_fill(~valid[:, None, None, :], float('-inf'))
-        return softmax(logits) if self.fast_path.enabled else logits.softmax(dim=-1)
+        if not torch.jit.is_scripting():
+            if self.fast_path.enabled:
+                return softmax(logits)
+        return logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        L, N, C = x.shape
+        N, C = x.shape[1], x.shape[2]
         if N != self.seq_len:
             raise ValueError(f'this mixing op was built for lines of {self.seq_len} tokens but got {N}; '
                              f'build the model for this input size or use dynamic_img_size=True.')
         mix = self.mixing_matrix(x, valid)  # (L, S, N_out, N_in)
-        if self.fast_path.enabled and _plain((self.proj,)):  # mixing and projection in one fused op
-            out, = mix_project(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
-                               self.proj.bias.unsqueeze(0), (False,), self.fast_path)
-            return out.view(-1, N, C)
+        if not torch.jit.is_scripting():
+            if self.fast_path.enabled and _plain((self.proj,)):  # mixing and projection in one fused op
+                out, = mix_project(mix[None, :, None], x.unsqueeze(1), self.proj.weight.unsqueeze(0),
+                                   self.proj.bias.unsqueeze(0), (False,), self.fast_path)
+                return out.view(-1, N, C)
         S = self.num_segments
         mixed = mix @ x.reshape(-1, N, S, C // S).transpose(1, 2)  # each segment's channels mixed: (L, S, N, C/S)
         return self.proj(mixed.transpose(1, 2).reshape(-1, N, C))  # -1: traced exports stay batch-dynamic
 
+    def mix_lines(self, lines: torch.Tensor, allow_windows: bool) -> torch.Tensor:
+        """Lines ``(L, n, C)`` of any length: windows of the op's length, the last one padded and masked."""
+        n, C = lines.shape[1], lines.shape[2]
+        N = self.seq_len
+        exporting = False
+        if not torch.jit.is_scripting():
+            # symbolic lengths in an export (dynamic H, W): windows, which are right for every length
+            exporting = torch.compiler.is_exporting() and not isinstance(n, int)
+        if not exporting and n == N:
+            return self(lines)
+        if not allow_windows:
+            raise ValueError(f'lines of {n} tokens reached a mixing op built for {N}; '
+                             f'build the model for this input size or use dynamic_img_size=True.')
+        pad = (N - n % N) % N
+        if not torch.jit.is_scripting():
+            if exporting:
+                # the padding as an unbacked value with its bounds stated: a length's relation to the windows
+                # (one window or more, padded or not) then asks no guards that would specialise the export
+                pad = torch.tensor(-n).remainder(N).item()
+                torch._check(pad >= 0)
+                torch._check(pad < N)
+                torch._check((n + pad) % N == 0)
+        L = lines.shape[0]
+        valid = torch.ones_like(lines[..., 0], dtype=torch.bool)  # (L, n)
+        windows = F.pad(lines, [0, 0, 0, pad]).view(L, -1, N, C).flatten(0, 1)
+        valid = F.pad(valid, [0, pad]).view(L, -1, N).flatten(0, 1)  # padding is invalid
+        out = self(windows, valid).view(L, -1, C)
+        if exporting:  # a gather: slicing would ask whether the padding is empty
+            return out.index_select(1, torch.arange(n, device=out.device))
+        return out[:, :n]
 
-def _mix_lines(op: DynaMixerOp, lines: torch.Tensor, allow_windows: bool) -> torch.Tensor:
-    """Apply ``op`` to lines of any length: windows of the op's length, the last one padded and masked."""
-    L, n, C = lines.shape
-    N = op.seq_len
-    if n == N:
-        return op(lines)
-    if not allow_windows:
-        raise ValueError(f'lines of {n} tokens reached a mixing op built for {N}; '
-                         f'build the model for this input size or use dynamic_img_size=True.')
-    num_windows = (n + N - 1) // N
-    padded = num_windows * N
-    valid = torch.ones_like(lines[..., 0], dtype=torch.bool)  # (L, n)
-    lines = F.pad(lines, (0, 0, 0, padded - n)).reshape(-1, N, C)
-    valid = F.pad(valid, (0, padded - n)).reshape(-1, N)  # padding is invalid
-    out = op(lines, valid)
-    return out.view(-1, padded, C)[:, :n]
 
-
+@register_notrace_module  # line lengths decide between whole lines and windows: FX keeps the mixer whole
 class DynaMixerTokenMixer(nn.Module):
     """Row, column and channel branches on an NHWC map, fused per channel (ViP-style re-weighting)."""
+    __jit_ignored_attributes__ = ['fast_path']  # scripted modules run the plain path
+    __jit_unused_properties__ = ['column_op']
+    dynamic_size: Final[bool]
 
     def __init__(
             self,
@@ -184,7 +220,10 @@ class DynaMixerTokenMixer(nn.Module):
             dynamic_size: bool = False,
             proj_drop: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}.')
@@ -194,12 +233,13 @@ class DynaMixerTokenMixer(nn.Module):
                              f'tokens; use a square img_size or share_row_col=False.')
         self.fusion = fusion
         self.dynamic_size = dynamic_size
-        op = partial(DynaMixerOp, dim, num_segments=num_segments, reduced_dim=reduced_dim, generation=generation)
+        op = partial(DynaMixerOp, dim, num_segments=num_segments, reduced_dim=reduced_dim, generation=generation,
+                     **dd)
         self.row_mix = op(width)
         self.col_mix = None if share_row_col else op(height)
-        self.channel_mix = nn.Linear(dim, dim, bias=False)
-        self.reweight = Mlp(dim, dim // 4, dim * 3, act_layer=act_layer) if fusion == 'reweight' else None
-        self.proj = nn.Linear(dim, dim)
+        self.channel_mix = nn.Linear(dim, dim, bias=False, **dd)
+        self.reweight = Mlp(dim, dim // 4, dim * 3, act_layer=act_layer, **dd) if fusion == 'reweight' else None
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.fast_path = FastPath()
 
@@ -224,27 +264,36 @@ class DynaMixerTokenMixer(nn.Module):
                 and _plain(linears))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fusable():
-            return self.proj_drop(linear(fuse_branches(self, x), self.proj.weight, self.proj.bias, self.fast_path))
+        if not torch.jit.is_scripting():
+            if self.fusable():
+                return self.proj_drop(linear(fuse_branches(self, x), self.proj.weight, self.proj.bias, self.fast_path))
         return self.proj_drop(self.proj(self.plain_branches(x)))
 
     def line_branches(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Row and column branches ``(B, H, W, C)``: every line of the map through its op (in windows of the
         built length when the map is larger or smaller)."""
-        B, H, W, C = x.shape
-        cols = _mix_lines(self.column_op, x.transpose(1, 2).reshape(-1, H, C), self.dynamic_size)
-        rows = _mix_lines(self.row_mix, x.reshape(-1, W, C), self.dynamic_size).view(B, H, W, C)
+        B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        columns = x.transpose(1, 2).reshape(-1, H, C)
+        if self.col_mix is None:
+            cols = self.row_mix.mix_lines(columns, self.dynamic_size)
+        else:
+            cols = self.col_mix.mix_lines(columns, self.dynamic_size)
+        rows = self.row_mix.mix_lines(x.reshape(-1, W, C), self.dynamic_size).view(B, H, W, C)
         return rows, cols.view(B, W, H, C).transpose(1, 2)
 
     def plain_branches(self, x: torch.Tensor) -> torch.Tensor:
         """The three branches and their fusion, every layer called as a module (hooks, wrappers, quantized
         stand-ins all apply): what ``fused.fuse_branches`` computes faster."""
         rows, cols = self.line_branches(x)
-        return reweight_branches(self.reweight, cols, rows, self.channel_mix(x))
+        chans = self.channel_mix(x)
+        if self.reweight is None:
+            return cols + rows + chans
+        return reweight_branches(self.reweight(branch_means(cols, rows, chans)), cols, rows, chans)
 
 
 class MixerLayer(nn.Module):
     """Pre-norm residual layer: token mixing (DynaMixer's, or ``mixer_layer``), then channel MLP."""
+    __jit_ignored_attributes__ = ['fast_path']  # scripted modules run the plain path
 
     def __init__(
             self,
@@ -256,14 +305,18 @@ class MixerLayer(nn.Module):
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
             mixer_layer: Type[nn.Module] = DynaMixerTokenMixer,
+            device=None,
+            dtype=None,
             **mixer_kwargs,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.token_mixer = mixer_layer(dim, line_lengths, proj_drop=proj_drop, act_layer=act_layer, **mixer_kwargs)
+        self.norm1 = norm_layer(dim, **dd)
+        self.token_mixer = mixer_layer(
+            dim, line_lengths, proj_drop=proj_drop, act_layer=act_layer, **dd, **mixer_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.fast_path = FastPath()
 
@@ -295,7 +348,8 @@ class MixerLayer(nn.Module):
             return norm(x)
         return layer_norm(norm, x, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the fast path's kernels wherever they may serve (same values)."""
         if self._fusable(x):  # eval: dropout and drop-path are identities
             proj, fc1, fc2 = self.token_mixer.proj, self.mlp.fc1, self.mlp.fc2
             x = linear_add(fuse_branches(self.token_mixer, self.norm1(x)), proj.weight, proj.bias, x)
@@ -304,15 +358,23 @@ class MixerLayer(nn.Module):
         x = x + self.drop_path2(self._mlp(self._norm(self.norm2, x)))
         return x
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.fast_path.enabled and not _traced(x):
+                return self._forward_fast(x)
+        x = x + self.drop_path1(self.token_mixer(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
 
 class Stem(nn.Module):
     """Non-overlapping patch embedding to an NHWC map; edge pixels that do not fill a patch are dropped, as a
     strided conv does (timm's PatchEmbed insists on divisible sizes, which any-size inputs cannot promise)."""
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int):
+    def __init__(self, in_chans: int, dim: int, patch_size: int, device=None, dtype=None):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).permute(0, 2, 3, 1).contiguous()  # see Downsample.forward
@@ -328,8 +390,11 @@ class ConvStem(nn.Module):
     dropped first, so the grid is the patch stem's.
     """
 
+    patch_size: Final[int]
+
     def __init__(self, in_chans: int, dim: int, patch_size: int, act_layer: Type[nn.Module] = nn.GELU,
-                 full_resolution: bool = True):
+                 full_resolution: bool = True, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if patch_size & (patch_size - 1):
             raise ValueError(f"a conv stem needs a power-of-two patch_size (stride-2 convs), got {patch_size}.")
@@ -343,29 +408,44 @@ class ConvStem(nn.Module):
             widths = widths[1:]
         layers, in_dim = [], in_chans
         for width, stride in zip(widths or [dim], strides):
-            layers += [nn.Conv2d(in_dim, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), act_layer()]
+            layers += [nn.Conv2d(in_dim, width, 3, stride, 1, bias=False, **dd), nn.BatchNorm2d(width, **dd),
+                       act_layer()]
             in_dim = width
-        layers.append(nn.Conv2d(in_dim, dim, 3, 2 if num_down else 1, 1))
+        layers.append(nn.Conv2d(in_dim, dim, 3, 2 if num_down else 1, 1, **dd))
         self.convs = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
-        H, W = x.shape[-2:]
-        return self.convs(x[..., :H // p * p, :W // p * p]).permute(0, 2, 3, 1).contiguous()  # see Downsample
+        H, W = x.shape[-2], x.shape[-1]
+        exporting = False
+        if not torch.jit.is_scripting():
+            exporting = torch.compiler.is_exporting()
+        if exporting:  # cropped by negative padding: a slice would ask whether it crops at all
+            x = F.pad(x, [0, W // p * p - W, 0, H // p * p - H])
+        else:
+            x = x[..., :H // p * p, :W // p * p]
+        return self.convs(x).permute(0, 2, 3, 1).contiguous()  # see Downsample
+
+
+@register_notrace_function  # a size check, which FX cannot trace: kept whole in traced graphs
+def check_downsample(x: torch.Tensor, stride: int) -> torch.Tensor:
+    if x.shape[1] < stride or x.shape[2] < stride:
+        raise ValueError(f'the feature map ({x.shape[1]} x {x.shape[2]} tokens) is too small to downsample '
+                         f'by {stride}; use a larger input image.')
+    return x
 
 
 class Downsample(nn.Module):
     """Strided conv between stages, on NHWC maps (stride 2 to halve the grid, 1 to change width only)."""
+    stride: Final[int]
 
-    def __init__(self, in_dim: int, out_dim: int, stride: int):
+    def __init__(self, in_dim: int, out_dim: int, stride: int, device=None, dtype=None):
         super().__init__()
         self.stride = stride
-        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=stride, stride=stride)
+        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=stride, stride=stride, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] < self.stride or x.shape[2] < self.stride:
-            raise ValueError(f'the feature map ({x.shape[1]} x {x.shape[2]} tokens) is too small to downsample '
-                             f'by {self.stride}; use a larger input image.')
+        x = check_downsample(x, self.stride)
         # the blocks get a contiguous NHWC map (a no-op when the conv wrote channels-last): a permuted view would
         # be copied by every LayerNorm, forward and backward, and slow every elementwise op of the stage
         return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
@@ -380,19 +460,41 @@ class DynaMixerStage(nn.Module):
             depth: int,
             line_lengths: Tuple[int, int],
             drop_path_rates: Sequence[float],
+            device=None,
+            dtype=None,
             **layer_kwargs,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = Downsample(in_dim, dim, stride) if stride > 1 or in_dim != dim else nn.Identity()
+        self.downsample = Downsample(in_dim, dim, stride, **dd) if stride > 1 or in_dim != dim else nn.Identity()
         self.blocks = nn.Sequential(*[
-            MixerLayer(dim, line_lengths, drop_path=drop_path_rates[i], **layer_kwargs) for i in range(depth)])
+            MixerLayer(dim, line_lengths, drop_path=drop_path_rates[i], **dd, **layer_kwargs) for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
+
+
+@register_notrace_function  # shape checks, which FX cannot trace: kept whole in traced graphs
+def check_images(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], dynamic_img_size: bool) -> torch.Tensor:
+    """``x``, after a ValueError that says what to do where it does not fit (instead of a shape error from
+    deep inside)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'expected images shaped (batch, {in_chans}, H, W), got {_shape(x)}; '
+                         f'convert the images to {in_chans} channels or build with in_chans={x.shape[1]}.')
+    h, w = img_size
+    if not dynamic_img_size and (x.shape[-2] != h or x.shape[-1] != w):
+        raise ValueError(f'this model was built for {h}x{w} inputs but got {x.shape[-2]}x{x.shape[-1]}; '
+                         f'resize the input to {h}x{w}, build with img_size=({x.shape[-2]}, {x.shape[-1]}), '
+                         f'or pass dynamic_img_size=True.')
+    return x
+
+
+def _shape(x: torch.Tensor) -> str:
+    return '(' + ', '.join([str(size) for size in x.shape]) + ')'
 
 
 class DynaMixer(nn.Module):
@@ -421,11 +523,17 @@ class DynaMixer(nn.Module):
             the full-resolution layer, cheaper); the conv stems are deviations from the paper (docs/cifar10.md).
         fast_path: True (default) lets the modules use the fused kernels of ``fused.py`` where they may (same values
             and gradients), False always calls the plain modules, a ``FastPath`` picks kernels one by one;
-            ``set_fast_path`` changes it later, for this model only.
+            ``set_fast_path`` changes it later, for this model only. FX tracing and TorchScript always get the
+            plain modules (FX keeps the token mixers whole, as leaves).
         weight_init: 'trunc_normal' (official: linear weights with std 0.02) or 'fan_in' (std 1/sqrt(fan-in)).
             At the paper's widths the two are close; in narrow models (32-64 channels) std 0.02 leaves every
             residual branch near zero and training idles for epochs (docs/training.md).
+        device, dtype: where and in what precision the parameters are created (e.g. ``device='meta'``).
+
+    ``forward_features`` returns NHWC maps (``output_fmt``); ``forward_intermediates`` NCHW or NHWC.
     """
+    __jit_ignored_attributes__ = ['fast_path']  # scripted models run the plain path
+    dynamic_img_size: Final[bool]
 
     def __init__(
             self,
@@ -454,7 +562,10 @@ class DynaMixer(nn.Module):
             drop_path_rate: float = 0.,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if global_pool not in ('', 'avg'):
             raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}.")
@@ -473,6 +584,8 @@ class DynaMixer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.weight_init = weight_init
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.output_fmt = 'NHWC'
+        self.feature_dim = -1  # channels last, in the features and (pooled or not) in the head's output
         self.grad_checkpointing = False
 
         if token_mixer not in TOKEN_MIXERS:
@@ -488,8 +601,8 @@ class DynaMixer(nn.Module):
         if stem not in STEMS:
             raise ValueError(f"stem must be 'patch' (the paper), 'conv' or 'conv_strided' (overlapping 3x3 convs, "
                              f"with or without a full-resolution layer), got {stem!r}.")
-        self.stem = Stem(in_chans, embed_dims[0], patch_size) if stem == 'patch' else \
-            ConvStem(in_chans, embed_dims[0], patch_size, act_layer, full_resolution=stem == 'conv')
+        self.stem = Stem(in_chans, embed_dims[0], patch_size, **dd) if stem == 'patch' else \
+            ConvStem(in_chans, embed_dims[0], patch_size, act_layer, full_resolution=stem == 'conv', **dd)
         grid = tuple(s // patch_size for s in self.img_size)
         if min(grid) < 1:
             raise ValueError(f'img_size {self.img_size} is smaller than one patch of {patch_size}; '
@@ -516,16 +629,16 @@ class DynaMixer(nn.Module):
             line_lengths = grid if windows is None else (windows[i], windows[i])
             stages.append(DynaMixerStage(
                 in_dim, embed_dims[i], stage_strides[i], depths[i], line_lengths, dpr[i], mlp_ratio=mlp_ratios[i],
-                proj_drop=proj_drop_rate, norm_layer=norm_layer, act_layer=act_layer, **mixer))
+                proj_drop=proj_drop_rate, norm_layer=norm_layer, act_layer=act_layer, **dd, **mixer))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
             tokens = grid[0] * grid[1]
             self._elems_per_image = max(self._elems_per_image, int(tokens * embed_dims[i] * mlp_ratios[i]),
                                         num_segments[i] * tokens * sum(line_lengths))
             in_dim = embed_dims[i]
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
+        self.norm = norm_layer(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
         self.fast_path = fast_path if isinstance(fast_path, FastPath) else FastPath(enabled=bool(fast_path))
         self.set_fast_path()
@@ -581,20 +694,15 @@ class DynaMixer(nn.Module):
             if global_pool not in ('', 'avg'):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}.")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self)  # a new head where the rest of the model is, in its precision
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
         if num_classes > 0:
             self._init_weights(self.head)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError that says what to do, instead of a shape error from deep inside."""
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images shaped (batch, {self.in_chans}, H, W), got {tuple(x.shape)}; '
-                             f'convert the images to {self.in_chans} channels or build with in_chans={x.shape[1]}.')
-        if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size:
-            h, w = self.img_size
-            raise ValueError(f'this model was built for {h}x{w} inputs but got {x.shape[-2]}x{x.shape[-1]}; '
-                             f'resize the input to {h}x{w}, build with img_size={tuple(x.shape[-2:])}, '
-                             f'or pass dynamic_img_size=True.')
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, after a ValueError that says what to do where it does not fit the model."""
+        return check_images(x, self.in_chans, self.img_size, self.dynamic_img_size)
 
     def forward_intermediates(
             self,
@@ -608,7 +716,7 @@ class DynaMixer(nn.Module):
         """Features after each chosen stage (NCHW or NHWC), optionally with the final normed features."""
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}.")
-        self.check_input(x)
+        x = self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages if not stop_early or torch.jit.is_scripting() else self.stages[:max_index + 1]
         intermediates = []
@@ -654,10 +762,11 @@ class DynaMixer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normed NHWC features of the last stage."""
-        self.check_input(x)
-        step = self._inference_slice(x)
-        if step:
-            return torch.cat([self._features(part) for part in x.split(step)])
+        x = self.check_input(x)
+        if not torch.jit.is_scripting():
+            step = 0 if _traced(x) else self._inference_slice(x)
+            if step:
+                return torch.cat([self._features(part) for part in x.split(step)])
         return self._features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -690,7 +799,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DynaMixer) 
 
 
 def _create_dynamixer(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (4, 3, 8, 3))))))  # every stage
     cfg = kwargs.get('pretrained_cfg')
     if isinstance(cfg, dict) and cfg.get('source') == 'local-dir':
         # A model folder is its weights: `timm.create_model('local-dir:DIR')` should not silently return an
@@ -782,25 +891,27 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'
 
 def _trained_tags() -> List[str]:
     return [name for name, cfg in default_cfgs.items() if cfg.default.file]
+# pool_size: the (H, W) of forward_features at input_size, in tokens
 default_cfgs = generate_default_cfgs({
-    'dynamixer_s.untrained': _cfg(),
-    'dynamixer_m.untrained': _cfg(),
-    'dynamixer_l.untrained': _cfg(crop_pct=.875),
-    'dynamixer_cifar_t.untrained': _cfg(**_CIFAR_CFG),
-    'dynamixer_cifar_s.untrained': _cfg(**_CIFAR_CFG),
-    'dynamixer_cifar_xs.untrained': _cfg(**_CIFAR_CFG, first_conv='stem.convs.0'),
+    'dynamixer_s.untrained': _cfg(pool_size=(16, 16)),
+    'dynamixer_m.untrained': _cfg(pool_size=(16, 16)),
+    'dynamixer_l.untrained': _cfg(pool_size=(16, 16), crop_pct=.875),
+    'dynamixer_cifar_t.untrained': _cfg(**_CIFAR_CFG, pool_size=(8, 8)),
+    'dynamixer_cifar_s.untrained': _cfg(**_CIFAR_CFG, pool_size=(8, 8)),
+    'dynamixer_cifar_xs.untrained': _cfg(**_CIFAR_CFG, pool_size=(4, 4), first_conv='stem.convs.0'),
     'vip_cifar_xs.untrained': _cfg(
-        **_CIFAR_CFG, first_conv='stem.convs.0', paper_ids='arXiv:2106.12368',
+        **_CIFAR_CFG, pool_size=(4, 4), first_conv='stem.convs.0', paper_ids='arXiv:2106.12368',
         paper_name='Vision Permutator: A Permutable MLP-Like Architecture for Visual Recognition'),
-    'dynamixer_pyramid_t.untrained': _cfg(input_size=(3, 256, 256), crop_pct=1.0, fixed_input_size=False,
-                                          first_conv='stem.convs.0'),
+    'dynamixer_pyramid_t.untrained': _cfg(input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=1.0,
+                                          fixed_input_size=False, first_conv='stem.convs.0'),
     'vip_pyramid_t.untrained': _cfg(
-        input_size=(3, 256, 256), crop_pct=1.0, first_conv='stem.convs.0', paper_ids='arXiv:2106.12368',
+        input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=1.0, first_conv='stem.convs.0',
+        paper_ids='arXiv:2106.12368',
         paper_name='Vision Permutator: A Permutable MLP-Like Architecture for Visual Recognition'),
     # `dynamixer train --recipe cifar --data PATH/cifar10 --val-split 0.1` (45,000 of CIFAR-10's training
     # images, the held-out 5,000 never seen): docs/cifar10.md
     'dynamixer_cifar_xs.cifar10_1h': _cfg(
-        **_CIFAR_CFG, first_conv='stem.convs.0', label_names=CIFAR10_CLASSES,
+        **_CIFAR_CFG, pool_size=(4, 4), first_conv='stem.convs.0', label_names=CIFAR10_CLASSES,
         file=str(WEIGHTS_DIR / 'dynamixer_cifar_xs.cifar10_1h.safetensors')),
 })
 

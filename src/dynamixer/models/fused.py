@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dynamixer.models import cpu_mix, triton_mix
 
@@ -21,6 +22,7 @@ class FastPath:
     """What the fast path of one DynaMixer module may use, kept on the module (``DynaMixer.set_fast_path``
     changes a whole model). Every kernel gives the plain modules' values and gradients (tested); a module takes
     them only when the layers they read are exactly ``nn.Linear`` without hooks, and calls its modules otherwise.
+    FX tracing and TorchScript always get the plain modules (a scripted module does not hold this setting).
     Measurements behind the defaults: docs/benchmarks.md."""
 
     enabled: bool = True  # False: always the plain modules
@@ -592,13 +594,22 @@ def _compiler_branches(mixer, x: torch.Tensor, kernels: bool) -> Tuple[torch.Ten
     return rows, cols.transpose(1, 2), row.proj.bias, col.proj.bias
 
 
+def _known_equal(size, length: int) -> bool:
+    """``size == length`` where that is known without a guard: a symbolic size (an export with dynamic H, W) is
+    not known to be any one length."""
+    if isinstance(size, torch.SymInt):
+        return statically_known_true(size == length)
+    return bool(size == length)
+
+
 def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                                     Optional[torch.Tensor]]:
     """Row branch ``(B, H, W, C)``, column branch ``(B, W, H, C)`` and the biases of their projections when
     these are still to be added (``None`` when already in)."""
     B, H, W, C = x.shape
     row, col = mixer.row_mix, mixer.column_op
-    if W != row.seq_len or H != col.seq_len:  # windows of the built line length: the ops one by one
+    # windows of the built line length (and symbolic lengths, an export with dynamic H, W): the ops one by one
+    if not (_known_equal(W, row.seq_len) and _known_equal(H, col.seq_len)):
         rows, cols = mixer.line_branches(x)
         return rows, cols.transpose(1, 2), None, None
     if x.device.type == 'cpu' and torch.compiler.is_compiling():
