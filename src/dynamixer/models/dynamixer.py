@@ -32,6 +32,7 @@ from timm.layers import DropPath, Mlp, get_device_dtype, to_2tuple, trunc_normal
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_function, register_notrace_module
+from timm.models._helpers import load_state_dict
 from timm.models._manipulate import checkpoint_seq
 
 from dynamixer.models.state_dict import adapt_state_dict
@@ -798,6 +799,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DynaMixer) 
     return adapt_state_dict(state_dict, model)
 
 
+def _raised_in(error: BaseException, function: Any) -> bool:
+    """Whether ``error`` was raised inside ``function`` (its traceback passes through it)."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is function.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _create_dynamixer(variant: str, pretrained: bool = False, **kwargs) -> DynaMixer:
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (4, 3, 8, 3))))))  # every stage
     cfg = kwargs.get('pretrained_cfg')
@@ -823,12 +834,16 @@ def _create_dynamixer(variant: str, pretrained: bool = False, **kwargs) -> DynaM
             pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
             **kwargs)
-    except Exception as e:  # a damaged or foreign weights file: say which file and what is wrong
-        if weights is None or isinstance(e, ValueError) and 'expected' in str(e):
+    except Exception as e:  # say which file, and blame it only for what is the file's
+        if weights is None:
             raise
-        raise ValueError(f'could not load the pretrained weights {weights} into {variant} '
-                         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); the file is damaged '
-                         f'or of another model: reinstall dynamixer, or give a file saved from {variant}.') from None
+        if _raised_in(e, load_state_dict):  # timm could not read it
+            raise ValueError(f'could not read the pretrained weights {weights} ({type(e).__name__}: '
+                             f'{str(e).splitlines()[0] if str(e) else ""}); the file is damaged: reinstall '
+                             f'dynamixer, or give an intact file saved from {variant}.') from None
+        if _raised_in(e, adapt_state_dict):  # read, but of another variant or configuration than this build
+            raise ValueError(f'the pretrained weights {weights} do not fit {variant} as built: {e}') from None
+        raise
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

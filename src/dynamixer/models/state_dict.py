@@ -153,7 +153,9 @@ def adapt_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[st
     """Make a checkpoint fit ``model``: official layouts converted, generation weights resampled to the model's
     line lengths, and anything else that does not fit reported as one ValueError saying what to do.
 
-    Classifier tensors may differ in shape (a new class count); callers reset the head for those.
+    Classifier tensors may differ in shape (a new class count), and first-conv weights in their input channels
+    (another ``in_chans``): timm's pretrained loading resets the one and adapts the other (``adapt_input_conv``)
+    after this filter.
     """
     state_dict = convert_official_state_dict(state_dict)
     for prefix, module in model.named_modules():
@@ -169,12 +171,22 @@ def adapt_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[st
                     state_dict[key] = resample_op_state(
                         state_dict[key], leaf.split('.')[-1], module.generation, module.seq_len)
     expected = model.state_dict()
-    classifier = model.pretrained_cfg.get('classifier', 'head') if hasattr(model, 'pretrained_cfg') else 'head'
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier = cfg.get('classifier', 'head')
+    first_convs = cfg.get('first_conv') or ()
+    first_convs = {f'{name}.weight' for name in ((first_convs,) if isinstance(first_convs, str) else first_convs)}
+
+    def fits(name: str, tensor: torch.Tensor) -> bool:
+        own = expected[name].shape
+        if tensor.shape == own or name.startswith(classifier + '.'):
+            return True
+        # another number of input channels only (dim 1 of a conv weight)
+        return name in first_convs and tensor.ndim == 4 and tensor.shape[:1] + tensor.shape[2:] == own[:1] + own[2:]
+
     missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    unexpected = [k for k in state_dict if k not in expected and not k.startswith(classifier + '.')]  # no head
     wrong = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
-             for k, v in state_dict.items()
-             if k in expected and v.shape != expected[k].shape and not k.startswith(classifier + '.')]
+             for k, v in state_dict.items() if k in expected and not fits(k, v)]
     if missing or unexpected or wrong:
         problems = []
         if missing:
