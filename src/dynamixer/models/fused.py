@@ -608,6 +608,8 @@ def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
     these are still to be added (``None`` when already in)."""
     B, H, W, C = x.shape
     row, col = mixer.row_mix, mixer.column_op
+    if _tiled_by_windows(mixer, x):
+        return _tiled_window_branches(mixer, x)
     # windows of the built line length (and symbolic lengths, an export with dynamic H, W): the ops one by one
     if not (_known_equal(W, row.seq_len) and _known_equal(H, col.seq_len)):
         rows, cols = mixer.line_branches(x)
@@ -618,17 +620,40 @@ def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
         if kernels or (torch.is_grad_enabled() and max(H, W) <= mixer.fast_path.compiler_mixing_max_len):
             return _compiler_branches(mixer, x, kernels)
     groups = [(False, True)] if H == W else [(False,), (True,)]  # one batched op when the lengths agree
-    outs = []
-    for branches in groups:
-        ops = [col if columns else row for columns in branches]
-        weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
-        if row.compress is None or not mixer.fast_path.recompute_mixing:  # static: expanded matrices are free
-            out = mix_project(branch_mixing(mixer, x, branches), x, weight, None, branches, mixer.fast_path)
-        else:
-            lines, gen_weight, gen_bias, dims = generator_inputs(mixer, x, branches)
-            out = generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, mixer.fast_path)
-        outs.extend(out)
+    outs = [out for branches in groups for out in _branch_group(mixer, x, branches)]
     return outs[0], outs[1], row.proj.bias, col.proj.bias
+
+
+def _branch_group(mixer, x: torch.Tensor, branches: Tuple[bool, ...]) -> Tuple[torch.Tensor, ...]:
+    """The given branches (False: rows, True: columns) of a map whose lines have the ops' built lengths, mixed
+    and projected without their biases: one ``(B, L1, N, C)`` output per branch."""
+    ops = [mixer.column_op if columns else mixer.row_mix for columns in branches]
+    weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
+    if ops[0].compress is None or not mixer.fast_path.recompute_mixing:  # static: expanded matrices are free
+        return mix_project(branch_mixing(mixer, x, branches), x, weight, None, branches, mixer.fast_path)
+    lines, gen_weight, gen_bias, dims = generator_inputs(mixer, x, branches)
+    return generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, mixer.fast_path)
+
+
+def _tiled_by_windows(mixer, x: torch.Tensor) -> bool:
+    """Eager, windowed, and every row and column a whole number (> 1) of windows: no window needs padding."""
+    H, W = x.shape[1:3]
+    N = mixer.row_mix.seq_len
+    return (mixer.dynamic_size and mixer.column_op.seq_len == N and isinstance(H, int) and isinstance(W, int)
+            and H % N == 0 and W % N == 0 and (H, W) != (N, N) and not torch.compiler.is_compiling())
+
+
+def _tiled_window_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                                              Optional[torch.Tensor]]:
+    """Row and column branches of a map tiled by whole windows, through the fused ops: the windows of the rows
+    are the rows of ``x.view(B, H * W / N, N, C)`` and those of the columns the columns of
+    ``x.view(B * H / N, N, W, C)`` (both free views), maps whose lines have the built length."""
+    B, H, W, C = x.shape
+    N = mixer.row_mix.seq_len
+    rows, = _branch_group(mixer, x.view(B, H * (W // N), N, C), (False,))
+    cols, = _branch_group(mixer, x.view(B * (H // N), N, W, C), (True,))  # (B * H / N, W, N, C)
+    cols = cols.view(B, H // N, W, N, C).permute(0, 2, 1, 3, 4).reshape(B, W, H, C)
+    return rows.reshape(B, H, W, C), cols, mixer.row_mix.proj.bias, mixer.column_op.proj.bias
 
 
 def fuse_branches(mixer, x: torch.Tensor) -> torch.Tensor:
