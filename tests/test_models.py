@@ -733,3 +733,167 @@ def test_conv_stems_reach_the_patch_grid_with_overlapping_convs(stem, first_stri
     assert model.stem(x).shape == patch.stem(x).shape == (2, 8, 8, 96)
     with pytest.raises(ValueError, match="stem must be 'patch'"):
         timm.create_model('dynamixer_cifar_xs', stem='conv_overlap')
+
+
+# ---------------------------------------------------------------- a timm backbone in full (timm's own suite: test_timm_suite.py)
+
+SHIPPED = 'dynamixer_cifar_xs.cifar10_1h'
+
+
+def fx_trace(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """``model`` symbolically traced as timm traces it: its notrace modules and functions kept whole."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    leaves = tuple(get_notrace_modules())
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: torch.nn.Module, name: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, name)
+
+    return torch.fx.GraphModule(model, Tracer(autowrap_functions=tuple(get_notrace_functions())).trace(model))
+
+
+@pytest.mark.parametrize('name', list(dynamixer.MODEL_ARGS))
+def test_every_variant_describes_its_features_to_timm(name):
+    """features_only with default arguments gives every stage; the NHWC format, the channel axis and the cfg's
+    pool_size say where the channels and the grid are; device and dtype reach every tensor."""
+    features = timm.create_model(name, features_only=True, device='meta', dtype=torch.bfloat16)
+    stages = len(dynamixer.MODEL_ARGS[name]['depths'])
+    assert features.feature_info.out_indices == tuple(range(stages))
+    size = features.pretrained_cfg['input_size']
+    x = torch.empty(1, *size, device='meta', dtype=torch.bfloat16)
+    info = features.feature_info
+    assert [tuple(o.shape) for o in features(x)] == [
+        (1, c, size[1] // r, size[2] // r) for c, r in zip(info.channels(), info.reduction())]
+    model = timm.create_model(name, device='meta', dtype=torch.bfloat16)
+    assert {(t.device.type, t.dtype) for t in model.state_dict().values() if t.is_floating_point()} == {
+        ('meta', torch.bfloat16)}
+    feats = model.forward_features(x)
+    assert model.output_fmt == 'NHWC' and feats.shape[model.feature_dim] == model.num_features
+    assert tuple(feats.shape[1:3]) == model.pretrained_cfg['pool_size']
+    model.reset_classifier(7)  # a new head where the model is, in its precision and mode
+    assert (model.head.weight.device.type, model.head.weight.dtype, model.head.training) == (
+        'meta', torch.bfloat16, model.training)
+
+
+def test_feature_hooks_give_the_getters_features_channels_last():
+    torch.manual_seed(0)
+    getter = timm.create_model('dynamixer_cifar_xs', features_only=True).eval()
+    torch.manual_seed(0)
+    hooks = timm.create_model('dynamixer_cifar_xs', features_only=True, feature_cls='hook').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = getter(x), hooks(x)
+    assert hooks.output_fmt == 'NHWC' and len(got) == len(expected) == 2
+    for a, b in zip(got, expected):
+        assert torch.allclose(a.permute(0, 3, 1, 2), b, atol=1e-6)
+
+
+def test_shipped_weights_adapt_to_one_channel_and_five_classes_and_train():
+    from safetensors.torch import load_file
+    model = timm.create_model(SHIPPED, pretrained=True, in_chans=1, num_classes=5)
+    stored = load_file(model.pretrained_cfg['file'])
+    # timm's adapt_input_conv: the colour channels summed (in fp32, stored back in the file's fp16)
+    first = stored['stem.convs.0.weight']
+    assert torch.equal(model.stem.convs[0].weight.detach(), first.float().sum(1, keepdim=True).half().float())
+    kept = {k: v for k, v in model.state_dict().items() if k in stored and k != 'stem.convs.0.weight'}
+    assert len(kept) > 50 and all(torch.equal(v, stored[k].to(v.dtype)) for k, v in kept.items() if
+                                  not k.startswith('head.'))
+    assert model.head.weight.shape == (5, 192)
+    x, y = torch.randn(8, 1, 32, 32), torch.arange(8) % 5
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(model.train()(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    headless = timm.create_model(SHIPPED, pretrained=True, in_chans=1, num_classes=0).eval()
+    assert headless(x[:2]).shape == (2, 192)
+    features = timm.create_model(SHIPPED, pretrained=True, features_only=True).eval()
+    assert [o.shape[1] for o in features(torch.randn(1, 3, 32, 32))] == [96, 192]
+
+
+def test_load_errors_blame_the_weights_file_only_for_what_is_the_files(tmp_path):
+    with pytest.raises(AssertionError, match='out of range'):  # features_only's own error, not the file's
+        timm.create_model(SHIPPED, pretrained=True, features_only=True, out_indices=(0, 3))
+    with pytest.raises(ValueError) as info:  # a good file, another architecture: the arguments
+        timm.create_model(SHIPPED, pretrained=True, embed_dims=(64, 128))
+    message = str(info.value)
+    assert 'do not fit' in message and 'arguments' in message and 'damaged' not in message
+    garbage = tmp_path / 'garbage.safetensors'
+    garbage.write_bytes(b'\x00' * 64)
+    with pytest.raises(ValueError, match='damaged') as info:
+        timm.create_model(SHIPPED, pretrained=True, pretrained_cfg_overlay=dict(file=str(garbage)))
+    assert str(garbage) in str(info.value)
+
+
+def test_fx_and_torchscript_run_the_plain_modules_and_leave_the_eager_fast_path_on(monkeypatch):
+    import copy
+    import dynamixer.models.dynamixer as dm
+    model = timm.create_model('dynamixer_cifar_xs').eval()
+    plain = copy.deepcopy(model).set_fast_path(enabled=False)
+    x = torch.randn(2, 3, 32, 32)
+    graph = fx_trace(model)
+    layers = [n.target for n in graph.graph.nodes if n.op == 'call_module']
+    assert 'stages.0.blocks.0.norm1' in layers and 'stages.0.blocks.0.mlp.fc1' in layers  # traced as modules
+    assert 'stages.0.blocks.0.token_mixer' in layers  # a leaf: lines or windows are decided at run time
+    fast_functions = [n.target for n in graph.graph.nodes if n.op == 'call_function'
+                      and getattr(n.target, '__module__', '') == 'dynamixer.models.fused']
+    assert not fast_functions
+    scripted = torch.jit.script(model)
+    assert 'mkldnn' not in str(scripted.inlined_graph)
+    calls = []
+    real = dm.fuse_branches
+    monkeypatch.setattr(dm, 'fuse_branches', lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        expected = plain(x)
+        assert (scripted(x) - expected).abs().max() <= 1e-5
+        assert not calls
+        # the graph's token mixers are the model's own modules, with its setting
+        assert (graph(x) - expected).abs().max() <= 1e-5
+        calls.clear()
+        assert (model(x) - expected).abs().max() <= 1e-5
+    assert calls and model.fast_path.enabled  # the eager model still takes its kernels
+
+
+def test_fx_backward_of_vip_pyramid_t_at_its_size():
+    """timm's FX backward test skips vip_pyramid_t (its fixed 256 px input is above that test's limit)."""
+    model = timm.create_model('vip_pyramid_t', num_classes=42).train()
+    graph = fx_trace(model)
+    out = graph(torch.randn(2, 3, 256, 256))
+    out.mean().backward()
+    assert out.shape == (2, 42) and all(p.grad is not None for p in graph.parameters())
+
+
+@pytest.mark.parametrize('name', list(dynamixer.MODEL_ARGS))
+def test_torch_export_gives_the_eager_outputs(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, *model.pretrained_cfg['input_size'])
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert (program.module()(x) - model(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize('name, kwargs, sizes', [
+    # any size from 16 px: lines shorter and longer than the windows, padded or not
+    ('dynamixer_cifar_t', dict(dynamic_img_size=True, depths=(1, 1, 1, 1)),
+     [(32, 32), (16, 40), (50, 33), (96, 64)]),
+    # sides that are multiples of its deepest stride (as the segmenter pads them)
+    ('dynamixer_pyramid_t', dict(depths=(1, 1, 1, 1)), [(64, 96), (256, 256), (96, 64), (480, 352)]),
+])
+def test_torch_export_with_dynamic_height_and_width(name, kwargs, sizes):
+    from torch.export import Dim
+    model = timm.create_model(name, **kwargs).eval()
+    h, w = sizes[0]
+    if name == 'dynamixer_pyramid_t':
+        height, width = 32 * Dim('h', min=2, max=32), 32 * Dim('w', min=2, max=32)
+    else:
+        height, width = Dim('h', min=16, max=512), Dim('w', min=16, max=512)
+    program = torch.export.export(model, (torch.randn(2, 3, h, w),),
+                                  dynamic_shapes=({0: Dim('batch', min=1, max=64), 2: height, 3: width},))
+    for size in sizes:
+        x = torch.randn(3, 3, *size)
+        with torch.no_grad():
+            assert (program.module()(x) - model(x)).abs().max() <= 1e-4, size
