@@ -52,7 +52,7 @@ RECIPES: Dict[str, Callable[[str], Dict[str, Any]]] = {
         task='segmentation', model='dynamixer_pyramid_t', time_budget=60., epochs=1000, batch_size=8, opt='adamw',
         lr=2e-3, weight_decay=0.01, sched='cosine', warmup_epochs=2, warmup_lr=1e-5, min_lr=1e-5, drop_path=0.05,
         crop_size=(256, 256), scale=(0.5, 2.0), hflip=0.5, smoothing=0., amp='auto', compile=False,
-        class_weights='sqrt-median-freq', threads=None, save_model='last'),
+        class_weights='sqrt-median-freq', threads=None, save_model='last', val_every=5),
 }
 
 
@@ -243,6 +243,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="after the last epoch, also validate with test-time augmentation, within --time-budget: "
                         "'flip' (each image and its mirror), 'flip-shift' (also shifted by one pixel, 6 views); "
                         "logged and recorded as val_top1_tta")
+    g.add_argument('--val-every', type=number(int, at_least=1), default=1,
+                   help='validate every N epochs (and always after the last); in between, an epoch\'s record has '
+                        'its training figures only (segmentation: validating 101 whole CamVid images costs about '
+                        'as much as a training epoch)')
     g.add_argument('--checkpoint-every', type=number(int, at_least=0), default=0,
                    help='also checkpoint every N optimiser steps within an epoch (0: at the end of each epoch only)')
     g.add_argument('--seed', type=number(int, at_least=0, below=2**32), default=0,

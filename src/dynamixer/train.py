@@ -138,11 +138,12 @@ def plot_curves(history: List[Dict[str, Any]], path: Path,
     epochs = [h['epoch'] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     marker = 'o' if len(epochs) < 30 else None  # a line through one point draws nothing
+    validated = [h for h in history if 'val_loss' in h]  # with --val-every, not every epoch
     ax1.plot(epochs, [h['train_loss'] for h in history], label='train', marker=marker)
-    ax1.plot(epochs, [h['val_loss'] for h in history], label='val', marker=marker)
+    ax1.plot([h['epoch'] for h in validated], [h['val_loss'] for h in validated], label='val', marker=marker)
     ax1.set_xlabel('epoch'), ax1.set_ylabel('loss'), ax1.legend()
     for key, label in curves:
-        ax2.plot(epochs, [h[key] for h in history], label=label, marker=marker)
+        ax2.plot([h['epoch'] for h in validated], [h[key] for h in validated], label=label, marker=marker)
     ax2.set_xlabel('epoch'), ax2.set_ylabel('%'), ax2.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
@@ -356,6 +357,8 @@ class Trainer:
             self.validate_and_save(time.time() - t0, state.running['samples'] - seen_before)
             state.epoch += 1
             replan_budget(cfg, state, self.budget, self.t_start, self.set_epochs, self.log)
+        if state.history and self.task.score not in state.history[-1]:  # the budget ended it between validations
+            self.validate_and_save(state.history[-1]['epoch_time'], 0, state.history.pop())
         self.finish()
 
     def train_epoch(self) -> int:
@@ -386,7 +389,8 @@ class Trainer:
                 continue
             self.optimiser_step()
             if not state.planned:
-                plan_budget(cfg, state, self.budget, calibration, data.steps_per_epoch, len(data.val_loader),
+                plan_budget(cfg, state, self.budget, calibration, data.steps_per_epoch,
+                            len(data.val_loader) / cfg.val_every,
                             self.t_start, self.set_epochs, bar, tqdm.write if self.master else None)
             bar.update(1)
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{opt.optimizer.param_groups[-1]["lr"]:.2e}')
@@ -461,30 +465,38 @@ class Trainer:
         score = self.task.score
         return f'  {score} with {self.cfg.tta} TTA {augmented[score]:.2f}%'
 
-    def validate_and_save(self, train_time: float, seen: int) -> None:
-        """Validate, reduce over ranks, log, save the model, metrics and checkpoint."""
+    def validate_and_save(self, train_time: float, seen: int, record: Optional[Dict[str, Any]] = None) -> None:
+        """Validate (every --val-every epochs and after the last), reduce over ranks, log, save the model, metrics
+        and checkpoint. ``record``: the epoch's record without validation, to validate now (the budget ended the
+        schedule at it)."""
         cfg, state, task = self.cfg, self.state, self.task
-        stats = torch.tensor([state.running['loss_sum'], state.running['samples'], seen], dtype=torch.float64,
-                             device=self.device)
-        if self.ddp:
-            dist.all_reduce(stats)
-        t_val = time.time()
-        val = task.record(self.validated())
-        self.budget.val_s = time.time() - t_val  # the last epoch's TTA costs about this for each of its views
-        record = dict(epoch=state.epoch + 1, train_loss=stats[0].item() / max(stats[1].item(), 1), **val,
-                      lr=self.opt.optimizer.param_groups[-1]['lr'], img_per_sec=stats[2].item() / max(train_time, 1e-9),
-                      epoch_time=train_time, wall_min=(time.time() - self.t_start) / 60)
-        tta = self.add_tta(record) if cfg.tta != 'none' and state.epoch + 1 == cfg.epochs else ''
+        epoch = record['epoch'] if record else state.epoch + 1
+        if record is None:
+            stats = torch.tensor([state.running['loss_sum'], state.running['samples'], seen], dtype=torch.float64,
+                                 device=self.device)
+            if self.ddp:
+                dist.all_reduce(stats)
+            record = dict(epoch=epoch, train_loss=stats[0].item() / max(stats[1].item(), 1),
+                          lr=self.opt.optimizer.param_groups[-1]['lr'],
+                          img_per_sec=stats[2].item() / max(train_time, 1e-9), epoch_time=train_time)
+        shown = ''
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            t_val = time.time()
+            record.update(task.record(self.validated()))
+            self.budget.val_s = time.time() - t_val  # the last epoch's TTA costs about this for each of its views
+            shown = f'  {task.describe(record)}'
+        record['wall_min'] = (time.time() - self.t_start) / 60
+        tta = self.add_tta(record) if cfg.tta != 'none' and epoch == cfg.epochs else ''
         state.history.append(record)
-        self.log(f'epoch {state.epoch + 1}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}  {task.describe(record)}'
+        self.log(f'epoch {epoch}/{cfg.epochs}  train_loss {record["train_loss"]:.4f}{shown}'
                  f'  lr {record["lr"]:.2e}  {record["img_per_sec"]:.0f} img/s  {train_time:.1f}s{tta}')
         state.step_in_epoch = 0
         if self.master:
-            if record[task.score] > state.best or cfg.save_model == 'last':
+            if task.score in record and (record[task.score] > state.best or cfg.save_model == 'last'):
                 state.best = max(state.best, record[task.score])
                 task.save_model(self.saved_model, self.out / 'model')
             self.write_history()
-        self.save_checkpoint(state.epoch + 1, 0)
+        self.save_checkpoint(epoch, 0)
 
     def write_history(self) -> None:
         write_text(self.out / 'metrics.jsonl', ''.join(json.dumps(h) + '\n' for h in self.state.history))
