@@ -100,5 +100,12 @@ def run(args: argparse.Namespace) -> None:
         gmacs = f'{r["gmacs"]:.3f}' if r['gmacs'] is not None else '-'
         print(f'{r["model"]:<20} {r["input_size"]:>7} {r["params_m"]:>7.2f}M {gmacs:>7} {r["num_classes"]:>7}  '
               + (', '.join(r['pretrained']) or '-'))
+    from dynamixer.model_dir import read_config, shipped_folders
+    for name, folder in shipped_folders().items():
+        config = read_config(folder)
+        args = config.get('model_args', {})
+        print(f'\n{name}: {config.get("task", "classification")}, {config.get("architecture", "").upper()} on '
+              f'{args.get("backbone")}, {args.get("num_classes")} classes ({config.get("note", "")})')
     print("\nuse a tagged model: dynamixer predict --model NAME.TAG IMAGE, or timm.create_model('NAME.TAG', "
-          "pretrained=True); train one: dynamixer train --model NAME")
+          "pretrained=True) for a classifier, dynamixer.model_dir.load_model_dir('NAME.TAG') for any; "
+          "train one: dynamixer train --model NAME")

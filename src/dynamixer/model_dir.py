@@ -17,6 +17,13 @@ from dynamixer.io import atomic_write, write_text
 
 # The weight files timm's local-dir loader looks for, in its order of preference.
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+# Model folders that ship inside the package (segmenters: classifiers ship as timm pretrained tags instead).
+SHIPPED_DIR = Path(__file__).resolve().parent / 'weights'
+
+
+def shipped_folders() -> Dict[str, Path]:
+    """Model folders shipped with the package, by name (``NAME.TAG``, usable wherever a model folder is)."""
+    return {p.name: p for p in sorted(SHIPPED_DIR.iterdir()) if p.is_dir() and (p / 'config.json').is_file()}
 
 
 def model_folder(path: str) -> Optional[Path]:
@@ -27,6 +34,8 @@ def model_folder(path: str) -> Optional[Path]:
     folder = Path(path)
     if not folder.exists() and path.split('.')[0] in dynamixer.list_models() and path in timm.list_pretrained():
         return None
+    if not folder.exists() and path in shipped_folders():
+        return shipped_folders()[path]
     if not (folder / 'config.json').is_file() and (folder / 'model' / 'config.json').is_file():
         folder = folder / 'model'
     if not folder.is_dir():
