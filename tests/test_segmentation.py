@@ -274,3 +274,26 @@ def test_val_every_validates_every_nth_epoch_and_the_last(seg_folder, tmp_path, 
     history = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert ['val_miou' in h for h in history] == [False, True, True]  # epoch 2, and 3 as the last
     assert stdout.count('val_miou') == 2 and (out / 'curves.png').is_file()
+
+
+SHIPPED = 'dynamixer_pyramid_t_fpn.camvid_1h'
+
+
+def test_the_shipped_camvid_segmenter_loads_offline_and_masks_any_size(tmp_path, capsys, monkeypatch):
+    from dynamixer.model_dir import load_model_dir, shipped_folders
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    folder = shipped_folders()[SHIPPED]
+    assert (folder / 'model.safetensors').stat().st_size < 10 * 2 ** 20
+    model = load_model_dir(SHIPPED)
+    assert isinstance(model, Segmenter) and model.num_classes == 11 and model.backbone_name == 'dynamixer_pyramid_t'
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # shipped in fp16, loaded as fp32
+    rng = np.random.default_rng(0)
+    photo = tmp_path / 'street.jpg'
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(photo)
+    code, stdout, err = _cli(capsys, 'predict', '--model', SHIPPED, '--output', str(tmp_path / 'masks'), '--json',
+                             str(photo))
+    assert code == 0, err
+    mask = Image.open(json.loads(stdout)['mask'])
+    assert mask.size == (400, 300) and np.asarray(mask).max() < 11
+    code, stdout, _ = _cli(capsys, 'list', '--no-macs')
+    assert code == 0 and SHIPPED in stdout
