@@ -205,3 +205,36 @@ def test_compiled_steps_compile_through_compile_model(monkeypatch):
     bench.StepRunner(model, 'inference', torch.randn(3, 4), 'fp32', compile=True).step()
     bench.StepRunner(model, 'inference', torch.randn(3, 4), 'fp32', compile=False).step()
     assert compiled == [model]
+
+
+PYRAMID = dict(depths=[1, 1, 1, 1], embed_dims=[16, 16, 32, 32], num_segments=[2, 2, 4, 4], window_size=4)
+
+
+def test_segmentation_times_the_segmenter_fast_against_plain_with_the_same_weights():
+    """--task segmentation: the Segmenter on the pyramid, at a non-square size, both implementations the same
+    function (the reference is the fast model's copy with every DynaMixer's fast path off)."""
+    models = bench.build_models('dynamixer_pyramid_t', None, PYRAMID, torch.device('cpu'), task='segmentation')
+    fast, ref = models['fast'], models['reference']
+    assert fast is not ref and all(not m.fast_path.enabled for m in ref.modules() if hasattr(m, 'set_fast_path'))
+    assert any(m.fast_path.enabled for m in fast.modules() if hasattr(m, 'set_fast_path'))
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        out = fast.eval()(x)
+        assert out.shape == (2, bench.SEGMENTATION_CLASSES, 40, 56)
+        torch.testing.assert_close(out, ref.eval()(x), atol=1e-4, rtol=1e-4)
+    threads = torch.get_num_threads()
+    try:
+        result = bench.benchmark('dynamixer_pyramid_t', batch_size=1, img_size=[40, 56], warmup=0, iters=1,
+                                 threads=1, model_args=PYRAMID, memory=False, task='segmentation')
+    finally:
+        torch.set_num_threads(threads)
+    assert result['config']['task'] == 'segmentation' and result['config']['img_size'] == [40, 56]
+    assert result['gmacs'] > 0 and result['train']['speedup'] > 0 and result['inference']['batch_size'] == 1
+    assert 'dynamixer_pyramid_t segmenter (FPN) 40x56px' in bench.format_table(result)
+
+
+def test_default_batch_and_spread_warning():
+    assert [bench.default_batch_size(s) for s in ((32, 32), (224, 224), (360, 480))] == [128, 32, 8]
+    assert bench.spread_warning({'fast': [1.0, 1.5, 1.9], 'reference': [2.0, 2.1]}, 'x') is None
+    warning = bench.spread_warning({'fast': [0.41, 5.36], 'reference': [2.0, 2.1]}, 'inference b8')
+    assert warning.startswith('inference b8: the timed runs spread 13.1x (fast)') and 'reference' not in warning

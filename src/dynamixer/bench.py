@@ -114,17 +114,26 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int]) -> float:
 
 def build_models(name: str, img_size: int, model_args: Dict[str, Any], device: torch.device,
                  implementations: Sequence[str] = IMPLEMENTATIONS, seed: int = 0,
-                 fast_path: Optional[Dict[str, Any]] = None) -> Dict[str, torch.nn.Module]:
+                 fast_path: Optional[Dict[str, Any]] = None, task: str = 'classification'
+                 ) -> Dict[str, torch.nn.Module]:
     """The fast model (its fast path set by ``fast_path``, FastPath fields) and, if asked, a reference copy with
-    the same weights and its fast path off."""
-    import timm
+    the same weights and its fast path off. For ``task='segmentation'`` the model is the ``Segmenter`` that
+    ``dynamixer train`` builds on the backbone ``name`` (11 classes, as CamVid), which takes any input size."""
     import dynamixer  # noqa: F401  (registers the models)
     from dynamixer.models.reference import reference_model
     torch.manual_seed(seed)
     kwargs = dict(model_args)
+    if task == 'segmentation':
+        from dynamixer.models import DynaMixer
+        from dynamixer.models.segmentation import Segmenter
+        fast = Segmenter(backbone=name, num_classes=SEGMENTATION_CLASSES, backbone_args=kwargs).to(device)
+        for module in fast.modules():
+            if isinstance(module, DynaMixer):
+                module.set_fast_path(**(fast_path or {}))
+        return {impl: fast if impl == 'fast' else reference_model(fast) for impl in implementations}
     if img_size:
         kwargs.setdefault('img_size', img_size)
-    fast = timm.create_model(name, **kwargs).to(device).set_fast_path(**(fast_path or {}))
+    fast = dynamixer.create_model(name, **kwargs).to(device).set_fast_path(**(fast_path or {}))
     models = {}
     for impl in implementations:
         models[impl] = fast if impl == 'fast' else reference_model(fast)
@@ -169,7 +178,8 @@ class StepRunner:
         else:
             self.optimizer.zero_grad(set_to_none=self.set_to_none)
             with _autocast(self.device, self.precision):
-                loss = self.fn(self.x).float().logsumexp(-1).mean()
+                out = self.fn(self.x).float()
+                loss = out.logsumexp(1 if out.ndim == 4 else -1).mean()  # over the classes
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -254,7 +264,7 @@ def measure_peak_memory(cfg: Dict[str, Any]) -> Dict[str, Any]:
     device = torch.device(cfg['device'])
     torch.set_num_threads(cfg['threads'])
     models = build_models(cfg['model'], cfg['img_size'], cfg['model_args'], device, [cfg['impl']], cfg['seed'],
-                          cfg.get('fast_path'))
+                          cfg.get('fast_path'), cfg.get('task', 'classification'))
     model = models[cfg['impl']]
     x = torch.randn(cfg['batch_size'], 3, *_pair(cfg['img_size']), device=device)
     runner = StepRunner(model, cfg['mode'], x, cfg['precision'], compile=cfg['compile'],
@@ -303,20 +313,43 @@ def _summary(times: List[float], batch: int, flops_per_step: float, peak: float)
             'gflops': gflops, 'peak_fraction': gflops / peak}
 
 
-def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size: Optional[int] = None,
+SEGMENTATION_CLASSES, SEGMENTATION_SIZE = 11, (360, 480)  # CamVid's
+
+
+def default_batch_size(img_size: Sequence[int]) -> int:
+    """A batch that keeps a step long enough to time and short enough to repeat: 128 at CIFAR sizes, 32 up to
+    ImageNet's 224, 8 beyond (dense-prediction inputs)."""
+    side = max(img_size)
+    return 128 if side <= 64 else 32 if side <= 224 else 8
+
+
+def spread_warning(times: Dict[str, Sequence[float]], label: str) -> Optional[str]:
+    """A warning when one implementation's timed runs differ more than 2x: the machine was busy, and the
+    medians (and their ratio) may not be the implementations' own."""
+    spreads = {impl: max(t) / min(t) for impl, t in times.items() if t and min(t) > 0}
+    wide = {impl: r for impl, r in spreads.items() if r > 2}
+    if not wide:
+        return None
+    return (f'{label}: the timed runs spread ' + ', '.join(f'{r:.1f}x ({impl})' for impl, r in wide.items())
+            + ' between fastest and slowest: the machine was busy; rerun on an idle machine or with more --iters.')
+
+
+def benchmark(model: str = 'dynamixer_s', batch_size: Optional[int] = None, train_batch_size: Optional[int] = None,
               img_size: Optional[int] = None, precision: str = 'fp32', device: str = 'cpu', compile: bool = False,
               warmup: int = 2, iters: int = 5, threads: Optional[int] = None,
               modes: Sequence[str] = ('inference', 'train'), memory: bool = True, reference: bool = True,
               model_args: Optional[Dict[str, Any]] = None, seed: int = 0, quiet: bool = True,
               recompute_mixing: Optional[bool] = None, slicing: bool = True, fusion: bool = True,
-              triton: bool = True, onednn: bool = True, baseline_fp32_eager: bool = False) -> Dict[str, Any]:
+              triton: bool = True, onednn: bool = True, baseline_fp32_eager: bool = False,
+              task: str = 'classification') -> Dict[str, Any]:
     """Fast vs reference, as a JSON-able dict (see the module docstring). The fast model's own fast path
     (``FastPath``, nothing global) follows the flags: ``recompute_mixing`` (None: the default), ``slicing=False``
     runs CPU inference batches whole, ``fusion=False`` drops the fused oneDNN linears of CPU inference,
     ``onednn=False`` the oneDNN linears of CPU fp32, ``triton=False`` the Triton mixing kernel on CUDA.
     ``baseline_fp32_eager`` runs the reference in fp32 eager with torch's default AdamW whatever ``precision``
     and ``compile`` say, and the fast model with the fused AdamW of ``dynamixer train``, so that the speed-up is
-    that of a whole recipe's training step (e.g. bf16 + compile) over the plain model's."""
+    that of a whole recipe's training step (e.g. bf16 + compile) over the plain model's. ``task='segmentation'``
+    times the ``Segmenter`` on the backbone ``model`` (at 360 x 480 unless ``img_size`` says otherwise)."""
     from dynamixer.models import triton_mix
     options = fast_path_options(recompute_mixing, slicing, fusion, triton, onednn)
     if precision not in PRECISIONS:
@@ -330,17 +363,22 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
         torch.set_num_threads(threads)
     dev = torch.device(device)
     model_args = dict(model_args or {})
-    train_batch_size = train_batch_size or batch_size
     impls = IMPLEMENTATIONS if reference else ('fast',)
 
     _log(f'measuring the {precision} matmul peak', quiet)
     peak = matmul_peak_gflops(dev, precision)
-    _log(f'building {model} at {img_size} ({", ".join(impls)})', quiet)
-    models = build_models(model, img_size, model_args, dev, impls, seed, options)
+    _log(f'building {model} at {img_size or "its own input size"} ({", ".join(impls)})', quiet)
+    models = build_models(model, img_size, model_args, dev, impls, seed, options, task)
     fast = models['fast']
-    fast_path = dataclasses.asdict(fast.fast_path)
-    img_size = img_size or list(fast.img_size)
+    if task == 'segmentation':
+        fast_path = dataclasses.asdict(next(m.fast_path for m in fast.modules() if hasattr(m, 'set_fast_path')))
+        img_size = img_size or list(SEGMENTATION_SIZE)
+    else:
+        fast_path = dataclasses.asdict(fast.fast_path)
+        img_size = img_size or list(fast.img_size)
     input_size = (3, *_pair(img_size))
+    batch_size = batch_size or default_batch_size(input_size[1:])
+    train_batch_size = train_batch_size or batch_size
 
     def setting(impl: str):  # (precision, compile, fused optimizer) of one implementation
         if baseline_fp32_eager:
@@ -349,7 +387,7 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
     macs = count_macs(fast, input_size)
     result = {
         'machine': machine_info(dev),
-        'config': {'model': model, 'batch_size': batch_size, 'train_batch_size': train_batch_size,
+        'config': {'model': model, 'task': task, 'batch_size': batch_size, 'train_batch_size': train_batch_size,
                    'img_size': img_size, 'precision': precision, 'device': device, 'compile': compile,
                    'warmup': warmup, 'iters': iters, 'model_args': model_args, 'seed': seed,
                    'baseline_fp32_eager': baseline_fp32_eager,
@@ -377,13 +415,17 @@ def benchmark(model: str = 'dynamixer_s', batch_size: int = 32, train_batch_size
         flops = 2 * macs * batch * (1 if mode == 'inference' else 3)
         entry = {impl: _summary(t, batch, flops, peak) for impl, t in times.items()}
         entry['batch_size'] = batch
+        warning = spread_warning(times, label)
+        if warning:
+            entry['warning'] = warning
+            print(f'warning: {warning}', file=sys.stderr)
         entry['wall_s'] = time.perf_counter() - start
         if reference:
             entry['speedup'] = entry['reference']['median_s'] / entry['fast']['median_s']
         if memory:
             for impl in impls:
                 _log(f'{label} peak memory {impl}', quiet)
-                mem = peak_memory(dict(model=model, img_size=img_size, model_args=model_args, device=device,
+                mem = peak_memory(dict(model=model, task=task, img_size=img_size, model_args=model_args, device=device,
                                        impl=impl, batch_size=batch, mode=mode, precision=setting(impl)[0],
                                        compile=setting(impl)[1], fused_optimizer=setting(impl)[2],
                                        threads=torch.get_num_threads(), seed=seed,
@@ -444,7 +486,9 @@ def format_table(result: Dict[str, Any]) -> str:
     cfg, machine = result['config'], result['machine']
     baseline = ('; the reference in fp32 eager with torch\'s default AdamW, the fast model with dynamixer train\'s '
                 'fused AdamW' if cfg.get('baseline_fp32_eager') else '')
-    lines = [f"{cfg['model']} {cfg['img_size']}px {cfg['precision']} {cfg['device']} "
+    model = cfg['model'] + (' segmenter (FPN)' if cfg.get('task') == 'segmentation' else '')
+    size = 'x'.join(map(str, _pair(cfg['img_size'])))
+    lines = [f"{model} {size}px {cfg['precision']} {cfg['device']} "
              f"{'compiled' if cfg['compile'] else 'eager'}, {machine['threads']} threads, torch {machine['torch']}"
              f"{', mixing matrices kept for backward' if cfg.get('recompute_mixing') is False else ''}"
              f"{', inference batches whole' if cfg.get('inference_slice_bytes') == 0 else ''}"
@@ -474,6 +518,8 @@ def format_table(result: Dict[str, Any]) -> str:
             verdict = 'faster' if entry['speedup'] >= 1 else '(slower)'
             lines.append(f"| {mode} | {entry['batch_size']} | **fast vs reference** | **{entry['speedup']:.2f}x** "
                          f"{verdict} | | | | {mem} |")
+    lines += [f"\nwarning: {result[mode]['warning']}" for mode in ('inference', 'train')
+              if 'warning' in result.get(mode, {})]
     return '\n'.join(lines)
 
 
@@ -495,23 +541,31 @@ def format_sweep(result: Dict[str, Any]) -> str:
 
 
 def run(args) -> int:
+    import dynamixer
+    if args.model not in dynamixer.list_models():
+        dynamixer.create_model(args.model)  # a KeyError that suggests the closest name, before anything is timed
     try:
         model_args = json.loads(args.model_args)
     except json.JSONDecodeError as e:
         raise ValueError(f'--model-args is not valid JSON ({e}); give e.g. \'{{"depths": [1, 1, 1, 1]}}\'.')
+    if args.img_size and len(args.img_size) > 2:
+        raise ValueError(f'--img-size takes H or H W, got {len(args.img_size)} numbers.')
+    img_size = None if not args.img_size else args.img_size[0] if len(args.img_size) == 1 else list(args.img_size)
     if args.sweep:
-        result = resolution_sweep(args.model, args.sweep, args.img_size or 224, args.batch_size, args.precision,
+        if isinstance(img_size, list) or args.task != 'classification':
+            raise ValueError('--sweep builds square classification models: give one --img-size and no --task.')
+        result = resolution_sweep(args.model, args.sweep, img_size or 224, args.batch_size or 8, args.precision,
                                   args.device, args.warmup, args.iters, args.threads, model_args, args.seed,
                                   args.quiet)
         table = format_sweep(result)
     else:
-        result = benchmark(args.model, args.batch_size, args.train_batch_size, args.img_size, args.precision,
+        result = benchmark(args.model, args.batch_size, args.train_batch_size, img_size, args.precision,
                            args.device, args.compile, args.warmup, args.iters, args.threads,
                            [m.strip() for m in args.modes.split(',') if m.strip()], not args.no_memory,
                            not args.no_reference, model_args, args.seed, args.quiet,
                            recompute_mixing=False if args.keep_mixing else None, slicing=not args.no_slicing,
                            fusion=not args.no_fusion, triton=not args.no_triton, onednn=not args.no_onednn,
-                           baseline_fp32_eager=args.baseline_fp32_eager)
+                           baseline_fp32_eager=args.baseline_fp32_eager, task=args.task)
         table = format_table(result)
     if args.output:
         from pathlib import Path

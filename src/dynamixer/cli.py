@@ -184,12 +184,16 @@ def _visualize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='dynamixer_s', help='variant name')
-    parser.add_argument('--batch-size', type=number(int, at_least=1), default=32, help='inference batch size')
+    parser.add_argument('--batch-size', type=number(int, at_least=1), default=None,
+                        help='inference batch size (default: 128 for inputs up to 64 px, 32 up to 224, 8 beyond)')
     parser.add_argument('--train-batch-size', type=number(int, at_least=1), default=None,
                         help='training batch size (default: --batch-size)')
-    parser.add_argument('--img-size', type=number(int, at_least=1), default=None,
-                        help="input size (square; default: the model's, "
-                             "e.g. 224 for S/M/L, 32 for the cifar variants)")
+    parser.add_argument('--img-size', type=number(int, at_least=1), nargs='+', default=None, metavar='SIZE',
+                        help="input size H [W] (default: the model's, e.g. 224 for S/M/L, 32 for the cifar "
+                             "variants; 360 480 for --task segmentation)")
+    parser.add_argument('--task', choices=('classification', 'segmentation'), default='classification',
+                        help='segmentation: time the segmentation model dynamixer train builds on --model (its FPN '
+                             'decoder, 11 classes as CamVid) on whole images')
     parser.add_argument('--precision', choices=PRECISION_NAMES, default='fp32',
                         help='fp32, or bf16 / fp16 autocast')
     parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
@@ -277,9 +281,14 @@ def _module_parser(name: str) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ('--version', '-V'):
+        from dynamixer import __version__
+        print(f'dynamixer {__version__}')
+        return 0
     if not argv or argv[0] in ('-h', '--help') or argv[0] not in COMMANDS:
         lines = [f'  {name:<10} {summary}' for name, (_, summary) in COMMANDS.items()]
-        usage = 'usage: dynamixer COMMAND [options]   (dynamixer COMMAND --help for its options)\n\ncommands:\n'
+        usage = ('usage: dynamixer COMMAND [options]   (dynamixer COMMAND --help for its options; '
+                 'dynamixer --version)\n\ncommands:\n')
         stream = sys.stdout if not argv or argv[0] in ('-h', '--help') else sys.stderr
         if argv and argv[0] not in ('-h', '--help'):
             print(f'dynamixer: unknown command {argv[0]!r}; choose one of {", ".join(COMMANDS)}.', file=stream)
@@ -295,6 +304,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f'dynamixer {argv[0]}: error: {message}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (training's says where it stopped and how to go on)
+        if args.debug:
+            raise
+        print(f'dynamixer {argv[0]}: {e.args[0] if e.args else "interrupted"}', file=sys.stderr)
+        return 130
     return int(result or 0)
 
 
