@@ -279,7 +279,7 @@ def ddp_rank_killed(ctx: Context) -> Row:
             next(line for line in lines if line.startswith('traceback') and 'Signal 9' in line)]
     resumed = subprocess.run([*torchrun, 'train', '--output', str(out), '--resume', '--no-progress'], env=env,
                              capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, resumed.stderr[:4000] + '\n...\n' + resumed.stderr[-1500:]  # the rank's own error first
     assert _epoch(out) == 40
     message = 'torchrun: ' + ' ... '.join(said)
     return Row('a DDP rank killed mid-epoch (SIGKILL to rank 1 of 2)', 'torchrun --nproc_per_node 2 -m dynamixer.cli '
@@ -595,6 +595,141 @@ def seg_eval_flip_shift_tta(ctx: Context) -> Row:
     return Row('--tta flip-shift (a classification TTA) for a segmentation model',
                'dynamixer eval --model-dir DIR/seg_run/model --data DIR/camvid --tta flip-shift', message,
                'nothing')
+
+
+# ------------------------------------------------------------------------------ a newcomer's first hour
+
+@case
+def one_class_folder(ctx: Context) -> Row:
+    data = ctx.tmp / 'one'
+    make_image_folder(data / 'train', classes=('cat',), per_class=12)
+    make_image_folder(data / 'val', classes=('cat',), per_class=4)
+    message = ctx.error(['train', '--data', data, '--output', ctx.tmp / 'run'], 'holds images of one class only (cat)',
+                        'at least 2')
+    assert not (ctx.tmp / 'run').exists()
+    return Row('an image folder with a single class', 'dynamixer train --data DIR/one', message, 'nothing was started')
+
+
+@case
+def two_runs_started_at_once_without_output(ctx: Context) -> Row:
+    argv = [sys.executable, '-m', 'dynamixer.cli', 'train', '--workers', '0', '--epochs', '1', *TINY_MODEL]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    runs = [subprocess.Popen(argv, cwd=ctx.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outs]
+    folders = sorted(p.name for p in (ctx.tmp / 'runs').iterdir())
+    assert folders == ['digits', 'digits-2'], folders
+    for name in folders:  # each run finished in a folder of its own, and said which
+        assert (ctx.tmp / 'runs' / name / 'model' / 'model.safetensors').is_file()
+        assert sum(f'runs/{name}/model' in out + err for out, err in outs) == 1
+    return Row('two runs started at the same moment without --output', 'dynamixer train & dynamixer train',
+               '(none: each says where it writes)', 'both runs, in runs/digits and runs/digits-2')
+
+
+@case
+def empty_weights_file(ctx: Context) -> Row:
+    run = ctx.copy('run')
+    (run / 'model' / 'model.safetensors').write_bytes(b'')
+    message = ctx.error(['eval', '--model-dir', run / 'model', '--data', ctx.templates['data']],
+                        f'could not read the weights {run / "model" / "model.safetensors"}', 'an empty file')
+    return Row('a model folder whose weights file is empty (0 bytes)', 'dynamixer eval --model-dir DIR/run/model',
+               message, 'the folder, untouched')
+
+
+@case
+def config_json_not_json(ctx: Context) -> Row:
+    run = ctx.copy('run')
+    (run / 'model' / 'config.json').write_text('{architecture: dynamixer}')
+    image = ctx.tmp / 'cat.png'
+    Image.new('RGB', (8, 8), (200, 0, 0)).save(image)
+    message = ctx.error(['predict', '--model-dir', run / 'model', image],
+                        f'could not read {run / "model" / "config.json"}')
+    return Row('a model folder whose config.json is not JSON', 'dynamixer predict --model-dir DIR/run/model cat.png',
+               message, 'the folder, untouched')
+
+
+@case
+def pretrained_features_only(ctx: Context) -> Row:
+    import timm
+    import dynamixer  # noqa: F401
+    model = timm.create_model('dynamixer_cifar_xs.cifar10_1h', pretrained=True, features_only=True)
+    features = model(torch.zeros(1, 3, 32, 32))
+    shapes = ', '.join(str(tuple(f.shape)) for f in features)
+    assert len(features) == len(model.feature_info.channels()) >= 2
+    return Row('the shipped CIFAR weights as a feature extractor (once blamed on the file)',
+               "timm.create_model('dynamixer_cifar_xs.cifar10_1h', pretrained=True, features_only=True)",
+               f'(none: it works; feature maps {shapes})', 'nothing was wrong')
+
+
+@case
+def ctrl_c_during_training(ctx: Context) -> Row:
+    out = ctx.tmp / 'run'
+    argv = [sys.executable, '-m', 'dynamixer.cli', 'train', '--output', str(out), '--workers', '0', '--epochs', '200',
+            '--checkpoint-every', '2', *TINY_MODEL]  # no --no-progress: a piped stderr gets no progress bar anyway
+    proc = subprocess.Popen(argv, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (out / 'checkpoint.pth').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next steps, so that Ctrl-C lands between two checkpoints
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count('\n') == 1 and 'Traceback' not in err, err[-3000:]
+    assert '\r' not in stdout + err and 'step/s' not in err  # epoch lines only in a redirected log
+    match = re.search(r'interrupted at epoch (\d+), step (\d+); continue with --resume', err)
+    assert match, err
+    saved = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert (saved['epoch'] + 1, saved['step_in_epoch']) == (int(match.group(1)), int(match.group(2)))
+    assert ctx.cli(['train', '--output', out, '--resume', '--epochs', saved['epoch'] + 1, '--no-progress'])[0] == 0
+    assert _epoch(out) == saved['epoch'] + 1
+    return Row('Ctrl-C during training', 'dynamixer train ... then Ctrl-C', ctx.shown(err.strip()),
+               'a checkpoint of every step done; --resume continues from it')
+
+
+@case
+def bench_model_name_misspelt(ctx: Context) -> Row:
+    message = ctx.error(['bench', '--model', 'dynamixer_cifar_sx'], "did you mean 'dynamixer_cifar_xs'")
+    return Row('a misspelt model name for bench', 'dynamixer bench --model dynamixer_cifar_sx', message, 'nothing')
+
+
+@case
+def predict_tag_misspelt(ctx: Context) -> Row:
+    image = ctx.tmp / 'cat.png'
+    Image.new('RGB', (32, 32), (200, 0, 0)).save(image)
+    message = ctx.error(['predict', '--model', 'dynamixer_cifar_xs.cifar10', image],
+                        "did you mean 'dynamixer_cifar_xs.cifar10_1h'")
+    return Row('a misspelt pretrained tag', 'dynamixer predict --model dynamixer_cifar_xs.cifar10 cat.png',
+               ctx.shown(message), 'nothing')
+
+
+@case
+def bench_on_a_busy_machine(ctx: Context) -> Row:
+    from dynamixer import bench
+    times = {'fast': [0.41, 0.43, 5.36], 'reference': [0.5, 0.52, 0.55]}  # what a busy machine measured
+    ctx.monkeypatch.setattr(bench, 'matmul_peak_gflops', lambda *a: 100.)
+    ctx.monkeypatch.setattr(bench, 'time_interleaved', lambda runners, *a: {k: times[k] for k in runners})
+    code, out, err = ctx.cli(['bench', '--model', 'dynamixer_cifar_xs', '--modes', 'inference', '--no-memory',
+                              '--quiet'])
+    assert code == 0 and 'at None' not in out + err and '| inference | 128 |' in out, out  # a batch fit for 32 px
+    warning = next(line for line in err.splitlines() if line.startswith('warning:'))
+    assert '13.1x (fast)' in warning and 'reference' not in warning and warning in out
+    return Row('bench on a busy machine (timed runs 0.41 s to 5.36 s)', 'dynamixer bench --model dynamixer_cifar_xs',
+               warning, 'the figures, flagged in the table and the JSON')
+
+
+@case
+def noise_image_for_a_colour_model(ctx: Context) -> Row:
+    image = ctx.tmp / 'noise.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(image)
+    photo = ctx.tmp / 'photo.png'  # smooth: a gradient with a disc, as photographs are, no warning
+    yy, xx = np.mgrid[:200, :300]
+    smooth = np.stack([xx * 0.8, yy, ((yy - 100) ** 2 + (xx - 150) ** 2 < 3600) * 200], -1).astype(np.uint8)
+    Image.fromarray(smooth).save(photo)
+    code, out, err = ctx.cli(['predict', '--model', 'dynamixer_cifar_xs.cifar10_1h', image, photo])
+    assert code == 0 and err.count('warning:') == 1 and 'photo.png' not in err, err
+    return Row('a 300x200 image of random noise for the CIFAR model', 'dynamixer predict --model '
+               'dynamixer_cifar_xs.cifar10_1h DIR/noise.png', ctx.shown(err.strip()), 'the prediction, flagged')
 
 
 # ---------------------------------------------------------------------------------------------- the tests

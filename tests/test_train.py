@@ -350,7 +350,7 @@ def test_torchrun_with_a_rank_whose_batch_is_all_unreadable_does_not_hang(tmp_pa
 
 
 def test_progress_bar_shows_rate_loss_and_eta(tmp_path, capsys, image_folder):
-    code, out, err = _cli(capsys, 'train', '--output', str(tmp_path / 'run'), '--workers', '0', *TINY_MODEL,
+    code, out, err = _cli(capsys, 'train', '--output', str(tmp_path / 'run'), '--workers', '0', '--progress', *TINY_MODEL,
                           '--data', str(image_folder), '--epochs', '1', '--batch-size', '12')
     assert code == 0
     assert 'epoch 1/1' in err and 'loss=' in err and ('step/s' in err or 's/step' in err) and '<' in err  # ETA

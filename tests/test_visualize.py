@@ -31,7 +31,9 @@ def model_dir(tmp_path_factory):
 def image(tmp_path_factory):
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp('img') / 'img.png'
-    Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(path)  # not 32x32: resized
+    yy, xx = np.mgrid[:40, :36]  # smooth as a photo (random noise would be warned about), not 32x32: resized
+    pixels = np.stack([xx * 6, yy * 5, (xx + yy) * 3], -1) + rng.integers(0, 20, (40, 36, 3))
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
     return path
 
 

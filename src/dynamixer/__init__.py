@@ -9,7 +9,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-from typing import Any, List
+from typing import Any, List, Optional
 
 __version__ = '0.1.0'
 __all__ = ['DynaMixer', 'MODEL_ARGS', 'adapt_state_dict', 'convert_official_state_dict', 'create_model',
@@ -35,13 +35,24 @@ def list_models() -> List[str]:
     return sorted(MODEL_ARGS)
 
 
+def closest_name(name: str, names: List[str], cutoff: float = 0.6) -> Optional[str]:
+    """The name a typo most likely meant: one with the same letters (two swapped, ``cifar_sx``) first, else the
+    closest by ``difflib``; None when nothing is close."""
+    import difflib
+    swapped = [n for n in names if len(n) == len(name) and sorted(n) == sorted(name)
+               and sum(a != b for a, b in zip(n, name)) == 2]
+    if swapped:
+        return swapped[0]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def create_model(name: str, **kwargs):
     """``timm.create_model`` for DynaMixer names, with a KeyError that suggests the right name."""
-    import difflib
     import timm
     from dynamixer.models import MODEL_ARGS
     if name not in MODEL_ARGS:
-        close = difflib.get_close_matches(name, MODEL_ARGS, n=1)
+        close = [c for c in [closest_name(name, list(MODEL_ARGS))] if c]
         hint = f'did you mean {close[0]!r}? ' if close else ''
         raise KeyError(f'unknown DynaMixer variant {name!r}; {hint}choose one of {", ".join(list_models())}.')
     return timm.create_model(name, **kwargs)

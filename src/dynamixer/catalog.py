@@ -2,7 +2,8 @@
 models by name: ours, or any timm model with its entry point's fixed arguments replaceable.
 
 Parameters and GMACs are counted on the model as built (batch 1, at the variant's own input size, 1000
-classes for the ImageNet variants and 10 for the CIFAR ones), so they match the README's table.
+classes for the ImageNet variants and 10 for the CIFAR ones), so they match the README's table; the models are
+built on the meta device (shapes without values), which counts the same in a fraction of the time.
 """
 import argparse
 from pathlib import Path
@@ -15,16 +16,14 @@ if TYPE_CHECKING:
 def create_any_model(name: str, **kwargs) -> 'torch.nn.Module':
     """A DynaMixer variant (or the ViP baseline) by name, or any other timm model, so that peers train under
     exactly the same recipe; a one-line error that suggests a name when timm knows neither."""
-    import difflib
     import timm
     import dynamixer
     if name in dynamixer.list_models():
         return dynamixer.create_model(name, **kwargs)
     if not timm.is_model(name):
-        known = dynamixer.list_models() + timm.list_models()
-        close = difflib.get_close_matches(name, known, n=1)
+        close = dynamixer.closest_name(name, dynamixer.list_models() + timm.list_models())
         raise ValueError(f'unknown --model {name!r}: neither a DynaMixer variant nor a timm model; '
-                         + (f'did you mean {close[0]!r}? ' if close else '')
+                         + (f'did you mean {close!r}? ' if close else '')
                          + '`dynamixer list` shows ours, timm.list_models() the others.')
     return _create_timm_model(name, kwargs)
 
@@ -82,7 +81,8 @@ def describe(pattern: str = '*', macs: bool = True) -> List[Dict[str, Any]]:
         cfg = timm.models.get_pretrained_cfg(name)  # the variant's default tag
         tags = [t.split('.', 1)[1] for t in timm.list_pretrained(name + '.*')
                 if timm.models.get_pretrained_cfg(t).file]
-        with torch.random.fork_rng():  # building initialises weights: leave the caller's RNG alone
+        # on the meta device: shapes only, so that the largest variants cost no more to list than the smallest
+        with torch.random.fork_rng(), torch.device('meta'):
             model = timm.create_model(name).eval()
         size = tuple(model.pretrained_cfg['input_size'])
         rows.append(dict(model=name, input_size=f'{size[1]}x{size[2]}', params_m=sum(
@@ -101,7 +101,10 @@ def run(args: argparse.Namespace) -> None:
         print(f'{r["model"]:<20} {r["input_size"]:>7} {r["params_m"]:>7.2f}M {gmacs:>7} {r["num_classes"]:>7}  '
               + (', '.join(r['pretrained']) or '-'))
     from dynamixer.model_dir import read_config, shipped_folders
+    from fnmatch import fnmatch
     for name, folder in shipped_folders().items():
+        if not fnmatch(name, args.pattern):
+            continue
         config = read_config(folder)
         args = config.get('model_args', {})
         print(f'\n{name}: {config.get("task", "classification")}, {config.get("architecture", "").upper()} on '

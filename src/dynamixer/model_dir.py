@@ -39,8 +39,12 @@ def model_folder(path: str) -> Optional[Path]:
     if not (folder / 'config.json').is_file() and (folder / 'model' / 'config.json').is_file():
         folder = folder / 'model'
     if not folder.is_dir():
-        raise FileNotFoundError(f'model folder {path!r} does not exist; give the model/ folder of a training run '
-                                f'(config.json + model.safetensors), e.g. runs/digits/model.')
+        names = [n for n in timm.list_pretrained() if n.split('.')[0] in dynamixer.list_models()]
+        close = dynamixer.closest_name(path, names + list(shipped_folders()), cutoff=0.7)
+        raise FileNotFoundError(f'model folder {path!r} does not exist' + (
+            f', and no shipped model is called that; did you mean {close!r}?' if close else
+            '; give the model/ folder of a training run (config.json + model.safetensors), e.g. runs/digits/model, '
+            'or a shipped model (dynamixer list).'))
     if not (folder / 'config.json').is_file():
         raise ValueError(f'{path!r} has no config.json; give the model/ folder that dynamixer train writes '
                          f'(e.g. runs/digits/model).')
@@ -48,7 +52,23 @@ def model_folder(path: str) -> Optional[Path]:
         unfinished = (folder.parent / 'args.yaml').is_file()
         raise ValueError(f'{path!r} has no weights ({" or ".join(WEIGHT_FILES[:2])})'
                          + ('; the training run that wrote it did not finish an epoch.' if unfinished else '.'))
+    _check_weights(folder / WEIGHT_FILES[0])
     return folder
+
+
+def _check_weights(path: Path) -> None:
+    """Reads the header of a safetensors file (cheap), so that an empty or damaged one is named here rather than
+    deep inside timm's loader."""
+    if not path.is_file():
+        return
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), 'pt') as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types
+        reason = 'an empty file' if path.stat().st_size == 0 else str(e).splitlines()[0] or type(e).__name__
+        raise ValueError(f'could not read the weights {path} ({reason}); the file is damaged: copy the folder '
+                         f'again, or train it again.') from None
 
 
 def read_config(folder: Path) -> Dict[str, Any]:

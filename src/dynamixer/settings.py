@@ -5,6 +5,7 @@ Light on purpose (no torch, no timm): ``dynamixer train --help`` and a bad flag 
 """
 import argparse
 import ast
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -67,7 +68,7 @@ def _multiple_of_32(text: Any) -> int:
 
 _multiple_of_32.what = 'a multiple of 32'
 
-NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', 'overwrite', '_run', '_explicit'}
+NOT_HYPERPARAMETERS = {'debug', 'config', 'resume', 'overwrite', 'progress', '_run', '_explicit'}
 
 
 class ParseKwargs(argparse.Action):
@@ -253,7 +254,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='seed of initialisation, data order and augmentation')
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic algorithms, so that a killed and resumed run ends with the same bits')
-    g.add_argument('--progress', action=boolean, default=True, help='show a progress bar per epoch')
+    g.add_argument('--progress', action=boolean, default=None,
+                   help='show a progress bar per epoch (default: only when stderr is a terminal, so that a '
+                        'redirected log holds the epoch lines alone)')
     for action in parser._actions:  # the digits run (no --data, default recipe) has defaults of its own
         if action.dest in DIGITS_DEFAULTS and 'default' not in action.help:
             shown = {False: 'off', True: 'on'}.get(action.default, action.default)
@@ -334,4 +337,5 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     if layered['task'] != 'segmentation' and 'scale' in explicit and max(layered['scale']) > 1:
         raise ValueError(f'--scale {layered["scale"][0]} {layered["scale"][1]}: a random resized crop keeps at most '
                          f'the whole image; give an area range within 0 and 1.')
+    layered['progress'] = sys.stderr.isatty() if args.progress is None else args.progress
     return argparse.Namespace(**layered, resume=args.resume, overwrite=args.overwrite)

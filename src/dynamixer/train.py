@@ -48,12 +48,28 @@ class NonFiniteLossError(ValueError):
     """The loss became NaN or infinite; raised (and reported as one line) instead of training on garbage."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised after a resumable checkpoint was saved; its message is the line to show."""
+
+
 # Files and folders a run writes; a folder that holds one of the first four holds a run.
+CLAIM_FILE = '.claimed'  # in a default output folder: taken by a run, though it may have written nothing yet
 RUN_FILES = ('args.yaml', 'checkpoint.pth', 'metrics.jsonl', 'model', 'model_last', 'curves.png', 'confusion.png')
 
 
 def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_FILES[:4])
+
+
+def claim(folder: Path) -> bool:
+    """Whether this process is the first to take ``folder`` for a new run: an exclusive create, atomic, so that
+    runs started at the same moment without --output each get a folder of their own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def choose_output(output: Optional[str], data: str, resume: bool, overwrite: bool) -> Path:
@@ -62,7 +78,7 @@ def choose_output(output: Optional[str], data: str, resume: bool, overwrite: boo
     if output is None:
         base = Path('runs') / (Path(data).name or 'data')
         out, n = base, 1
-        while holds_run(out):
+        while holds_run(out) or not claim(out):
             n += 1
             out = base.with_name(f'{base.name}-{n}')
         return out
@@ -329,9 +345,11 @@ class Trainer:
         self.state = SimpleNamespace(epoch=0, step_in_epoch=0, global_step=0, best=-1., history=[],
                                      running=dict(loss_sum=0., samples=0), planned=not cfg.time_budget)
         self.ckpt_path = out / CHECKPOINT
+        self.saved_at: Optional[Tuple[int, int]] = None  # (epoch, step) of the last checkpoint
         if cfg.resume:
             restore(cfg, self.ckpt_path, self.raw_model, self.opt, self.state, data.steps_per_epoch, rank, world,
                     self.master, self.log)
+            self.saved_at = (self.state.epoch, self.state.step_in_epoch)
         else:
             seed_everything(cfg.seed + rank)  # distinct augmentation and drop-path per rank
         if self.master:
@@ -352,14 +370,30 @@ class Trainer:
                  f'{len(data.classes)} classes; {self.world} process(es) on {self.device.type}, batch '
                  f'{cfg.batch_size} ({data.micro_batch} x {self.world} x {cfg.accum_steps}), '
                  f'{data.steps_per_epoch} steps/epoch')
-        while state.epoch < cfg.epochs:
-            t0, seen_before = time.time(), self.train_epoch()
-            self.validate_and_save(time.time() - t0, state.running['samples'] - seen_before)
-            state.epoch += 1
-            replan_budget(cfg, state, self.budget, self.t_start, self.set_epochs, self.log)
+        try:
+            while state.epoch < cfg.epochs:
+                t0, seen_before = time.time(), self.train_epoch()
+                self.validate_and_save(time.time() - t0, state.running['samples'] - seen_before)
+                state.epoch += 1
+                replan_budget(cfg, state, self.budget, self.t_start, self.set_epochs, self.log)
+        except KeyboardInterrupt:
+            raise self.interrupted() from None
         if state.history and self.task.score not in state.history[-1]:  # the budget ended it between validations
             self.validate_and_save(state.history[-1]['epoch_time'], 0, state.history.pop())
         self.finish()
+
+    def interrupted(self) -> TrainingInterrupted:
+        """Ctrl-C: the steps done so far checkpointed (a single process; DDP ranks keep the last checkpoint, as
+        they could not agree on one now), and the line that says how to go on."""
+        state = self.state
+        if not self.ddp and 0 < state.step_in_epoch < self.data.steps_per_epoch:
+            self.save_checkpoint(state.epoch, state.step_in_epoch)
+        if self.saved_at is None:
+            return TrainingInterrupted(f'interrupted at epoch {state.epoch + 1}, step {state.step_in_epoch}, before '
+                                       f'the first checkpoint: nothing to continue')
+        epoch, step = self.saved_at  # where --resume goes on from
+        return TrainingInterrupted(f'interrupted at epoch {epoch + 1}, step {step}; continue with --resume: '
+                                   f'dynamixer train --output {self.out} --resume')
 
     def train_epoch(self) -> int:
         """One epoch (or the rest of one, when resumed); returns the samples counted before it started."""
@@ -506,6 +540,7 @@ class Trainer:
         """Called on every rank: each one's RNGs and running loss go in, so that a resumed DDP run is bitwise
         the run it continues; rank 0 writes."""
         state, opt = self.state, self.opt
+        self.saved_at = (epoch, step)
         ranks = [dict(rng=rng_state(), running=dict(state.running))]
         if self.ddp:
             ranks = [None] * self.world
@@ -527,6 +562,7 @@ class Trainer:
             dist.broadcast(agreed, 0)
             epochs = int(agreed.item())
         self.cfg.epochs, self.opt.scheduler = epochs, self.opt.make_scheduler(epochs)
+        self.opt.scheduler.step_update(num_updates=self.state.global_step)  # a new scheduler starts at warm-up lr
         if self.master:
             save_settings(self.cfg, self.out)
 
