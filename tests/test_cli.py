@@ -91,3 +91,20 @@ def test_help_says_each_default_once_and_the_digits_defaults_too():
             assert entry.count('(default:') + entry.count('; default:') <= 1, (name, entry)
     convert = cli._module_parser('convert').format_help()
     assert cli.COMMANDS['convert'][1].split()[0].capitalize() in convert and 'ViP fork' not in convert
+
+
+def test_list_is_counted_once_then_read_from_the_cache(tmp_path, monkeypatch, capsys):
+    from dynamixer import catalog
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    assert cli.main(['list', 'dynamixer_cifar_xs']) == 0
+    first = capsys.readouterr().out
+    assert len(list((tmp_path / 'dynamixer').glob('list-*.json'))) == 1
+
+    def counted_again(*args, **kwargs):
+        raise AssertionError('the models were built again')
+    monkeypatch.setattr(catalog, 'describe', counted_again)
+    assert cli.main(['list', 'dynamixer_cifar_xs']) == 0
+    assert capsys.readouterr().out == first and '2.00M' in first
+    monkeypatch.setattr('dynamixer.__version__', '99.0')  # another version: counted again
+    with pytest.raises(AssertionError, match='built again'):
+        catalog.cached_rows()

@@ -91,8 +91,32 @@ def describe(pattern: str = '*', macs: bool = True) -> List[Dict[str, Any]]:
     return rows
 
 
+def cached_rows(macs: bool = True) -> List[Dict[str, Any]]:
+    """``describe('*')``, kept in the cache folder and keyed by the versions and model files it depends on, so
+    that ``dynamixer list`` answers without importing torch once it has been counted."""
+    import hashlib
+    import json
+    from importlib import metadata
+    from dynamixer import __version__
+    from dynamixer.io import default_cache_dir, write_text
+    models = Path(__file__).resolve().parent / 'models'
+    stamp = [__version__, metadata.version('timm'), metadata.version('torch'), str(macs)]
+    stamp += [f'{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}' for p in sorted(models.glob('*.py'))]
+    path = default_cache_dir() / f'list-{hashlib.sha1(" ".join(stamp).encode()).hexdigest()[:16]}.json'
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        rows = describe('*', macs=macs)
+    try:
+        write_text(path, json.dumps(rows))
+    except OSError:  # a read-only home: list without the cache
+        pass
+    return rows
+
+
 def run(args: argparse.Namespace) -> None:
-    rows = describe(args.pattern, macs=not args.no_macs)
+    from fnmatch import fnmatch
+    rows = [r for r in cached_rows(macs=not args.no_macs) if fnmatch(r['model'], args.pattern)]
     if not rows:
         raise ValueError(f'no registered model matches {args.pattern!r}; try dynamixer list (all DynaMixers).')
     print(f'{"model":<20} {"input":>7} {"params":>8} {"GMACs":>7} {"classes":>7}  pretrained tags')
@@ -101,7 +125,6 @@ def run(args: argparse.Namespace) -> None:
         print(f'{r["model"]:<20} {r["input_size"]:>7} {r["params_m"]:>7.2f}M {gmacs:>7} {r["num_classes"]:>7}  '
               + (', '.join(r['pretrained']) or '-'))
     from dynamixer.model_dir import read_config, shipped_folders
-    from fnmatch import fnmatch
     for name, folder in shipped_folders().items():
         if not fnmatch(name, args.pattern):
             continue

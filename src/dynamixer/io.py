@@ -7,6 +7,11 @@ from pathlib import Path
 from typing import Callable
 
 
+def default_cache_dir() -> Path:
+    """Where decoded datasets and other derived data are kept: $XDG_CACHE_HOME/dynamixer or ~/.cache/dynamixer."""
+    return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'dynamixer'
+
+
 class DiskFullError(OSError):
     """The disk filled up during a write; the message says what survived and what to do."""
 

@@ -7,11 +7,14 @@ segmentation model's config.json says ``"task": "segmentation"`` and holds the `
 preprocessing and class names beside the same weights file. ``load_model_dir`` takes either, a training run's
 folder (its ``model/``), or the name of weights shipped with the package.
 """
+from __future__ import annotations
+
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import torch.nn as nn
+if TYPE_CHECKING:  # torch is imported by what loads a model, not by listing the shipped folders
+    import torch.nn as nn
 
 from dynamixer.io import atomic_write, write_text
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dynamixer.data import IMG_EXTENSIONS, Unreadable
-from dynamixer.io import atomic_write
+from dynamixer.io import atomic_write, default_cache_dir
 
 VOID = 255
 CACHE_VERSION = 1
@@ -65,10 +65,6 @@ class SegData:
 
 def is_segmentation_folder(path) -> bool:
     return Path(path).is_dir() and (Path(path) / 'trainannot').is_dir()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'dynamixer'
 
 
 def read_classes(root: Path) -> List[str]:
