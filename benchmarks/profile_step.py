@@ -1,6 +1,7 @@
 """Where one step's time goes, fast vs reference: torch.profiler's top operators by self device time.
 
     python benchmarks/profile_step.py --device cuda --precision bf16 --mode train --batch-size 64
+    python benchmarks/profile_step.py --task segmentation --model dynamixer_pyramid_t --img-size 360 480 --batch-size 8
 """
 import argparse
 import json
@@ -22,15 +23,20 @@ def main() -> None:
     parser.add_argument('--mode', default='train', choices=['train', 'inference'],
                         help='train: forward + backward + AdamW step')
     parser.add_argument('--batch-size', type=int, default=16, help='images per step')
-    parser.add_argument('--img-size', type=int, default=224, help='input size (square)')
+    parser.add_argument('--img-size', type=int, nargs='+', default=[224], metavar='SIZE',
+                        help='input size H [W]')
+    parser.add_argument('--task', default='classification', choices=['classification', 'segmentation'],
+                        help='segmentation: the Segmenter dynamixer train builds on --model (as dynamixer bench)')
     parser.add_argument('--steps', type=int, default=3, help='profiled steps (after 3 untimed ones)')
     parser.add_argument('--top', type=int, default=25, help='operators listed per implementation')
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = build_models(args.model, args.img_size, json.loads(args.model_args), device)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    H, W = args.img_size if len(args.img_size) == 2 else args.img_size * 2
+    models = build_models(args.model, H if H == W and args.task == 'classification' else (H, W),
+                          json.loads(args.model_args), device, task=args.task)
+    x = torch.randn(args.batch_size, 3, H, W, device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     for impl, model in models.items():
