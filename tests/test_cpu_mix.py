@@ -191,6 +191,35 @@ def test_from_logits_the_kernels_normalise_and_give_the_logits_gradient(columns)
                               atol=1e-3)  # that would be the probabilities' gradient, not the logits'
 
 
+@pytest.mark.parametrize('N', [4, 7, 8, 16])  # the lengths with their own softmax loops, and the general one
+def test_the_kernels_softmax_is_exact_over_any_logit_range_and_gives_masked_inputs_nothing(N):
+    """The kernels' own exp (vectorised, not libm's) against float64 softmax: logits spread over +-80, and -inf
+    for the padding of a last window (:func:`fused._mask_padding`), which must get exactly zero weight and zero
+    gradient, whatever the padded tokens hold."""
+    torch.manual_seed(0)
+    B, H, W, S, c = 2, 3, N, 2, 8
+    x = torch.randn(B, H, W, S * c, dtype=torch.float64)
+    logits = 25 * torch.randn(B, H, S, N, N, dtype=torch.float64)
+    logits[0, 0, 0, 0, 0] = 80.  # one dominant input
+    logits[1, 0, 0, 0] = -80.  # a row of tiny values alike
+    valid = max(1, N - 3)
+    logits[..., valid:] = float('-inf')
+    expected = einsum_mix(logits.softmax(-1), x, False)
+    grad = torch.randn_like(expected)
+    out = torch.empty(B, H, W, S * c)
+    cpu_mix.mix_lines_into(logits.float(), x.float(), False, out, softmax=True)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
+    noisy = x.clone()
+    noisy[:, :, valid:] = 1e6  # what padding holds is never mixed in
+    cpu_mix.mix_lines_into(logits.float(), noisy.float(), False, out, softmax=True)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
+    got_logits = torch.empty(logits.shape)
+    cpu_mix.mix_lines_backward_into(grad.float(), logits.float(), x.float(), False, got_logits, None, softmax=True)
+    want_logits, = torch.autograd.grad(einsum_mix(logits.requires_grad_().softmax(-1), x, False), logits, grad)
+    assert torch.equal(got_logits[..., valid:], torch.zeros_like(got_logits[..., valid:]))
+    assert torch.allclose(got_logits.double()[..., :valid], want_logits[..., :valid], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('generation', ['dynamic', 'static'])
 def test_inductor_compiles_the_kernels_into_a_bf16_training_step(generation, monkeypatch):
     """The recipe's mode for real (inductor, bf16 autocast, training and inference): the kernels' layouts hold up

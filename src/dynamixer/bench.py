@@ -151,6 +151,7 @@ class StepRunner:
         self.fn = compile_model(model) if compile else model
         self.optimizer = None
         self.scaler = None
+        self.targets: Optional[torch.Tensor] = None
         self.set_to_none = True  # torch's default and dynamixer train's; the memory measurement keeps gradients
         if mode == 'train':
             model.train()
@@ -171,6 +172,15 @@ class StepRunner:
             p.grad = torch.zeros_like(p)
         self.optimizer.step()
 
+    def _targets(self, out: torch.Tensor) -> torch.Tensor:
+        """Fixed random labels for the loss the training tasks use (cross-entropy): one class per image, or per
+        pixel of a segmentation model's ``(B, classes, H, W)`` logits."""
+        if self.targets is None:
+            generator = torch.Generator().manual_seed(0)
+            size = (out.shape[0],) + tuple(out.shape[2:])
+            self.targets = torch.randint(out.shape[1], size, generator=generator).to(out.device)
+        return self.targets
+
     def step(self) -> None:
         if self.mode == 'inference':
             with torch.inference_mode(), _autocast(self.device, self.precision):
@@ -179,7 +189,7 @@ class StepRunner:
             self.optimizer.zero_grad(set_to_none=self.set_to_none)
             with _autocast(self.device, self.precision):
                 out = self.fn(self.x).float()
-                loss = out.logsumexp(1 if out.ndim == 4 else -1).mean()  # over the classes
+                loss = torch.nn.functional.cross_entropy(out, self._targets(out))
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)

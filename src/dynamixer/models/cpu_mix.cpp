@@ -166,24 +166,78 @@ LineKernels line_kernels(int64_t c) {
   }
 }
 
-// With `softmax`, mix holds logits: each row of N is normalised (softmax) as it is loaded.
-inline void softmax_rows(float* p, int64_t rows, int64_t N) {
-  for (int64_t r = 0; r < rows; ++r, p += N) {
-    float top = p[0];
-    for (int64_t i = 1; i < N; ++i) top = std::max(top, p[i]);
+// exp(x) for x <= 0 (logits less their row's maximum), elementwise over n values in place: 2^k 2^f with k an
+// integer and |f| <= 1/2, 2^f by its Taylor polynomial of degree 7 (relative error under 2e-7, as std::exp's
+// rounding). Branch-free, so the loop vectorises (libm's expf is scalar without -ffast-math, which would also
+// drop -inf); below -87 (masked padding: -inf) it gives exactly 0.
+inline void exp_nonpositive(float* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = p[i];
+    const float t = std::max(x, -87.f) * 1.44269504088896341f;  // x log2(e), kept where 2^k is a normal float
+    const float k = std::floor(t + 0.5f);
+    const float f = (t - k) * 0.693147180559945309f;  // e^f = 2^(t - k)
+    float e = 1.f / 5040.f;
+    e = e * f + 1.f / 720.f;
+    e = e * f + 1.f / 120.f;
+    e = e * f + 1.f / 24.f;
+    e = e * f + 1.f / 6.f;
+    e = e * f + 0.5f;
+    e = e * f + 1.f;
+    e = e * f + 1.f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    p[i] = x < -87.f ? 0.f : e * scale;
+  }
+}
+
+// With `softmax`, mix holds logits: each row of N is normalised (softmax) as it is loaded. NC: N when known at
+// compile time (the common line lengths; the row loops then vectorise), else 0.
+template <int NC>
+void softmax_rows_of(float* p, int64_t rows, int64_t n) {
+  const int64_t N = NC ? NC : n;
+  float* row = p;
+  for (int64_t r = 0; r < rows; ++r, row += N) {
+    float top = row[0];
+    for (int64_t i = 1; i < N; ++i) top = std::max(top, row[i]);
+    for (int64_t i = 0; i < N; ++i) row[i] -= top;
+  }
+  exp_nonpositive(p, rows * N);
+  row = p;
+  for (int64_t r = 0; r < rows; ++r, row += N) {
     float sum = 0.f;
-    for (int64_t i = 0; i < N; ++i) sum += (p[i] = std::exp(p[i] - top));
+    for (int64_t i = 0; i < N; ++i) sum += row[i];
     const float scale = 1.f / sum;
-    for (int64_t i = 0; i < N; ++i) p[i] *= scale;
+    for (int64_t i = 0; i < N; ++i) row[i] *= scale;
+  }
+}
+
+inline void softmax_rows(float* p, int64_t rows, int64_t N) {
+  switch (N) {
+    case 4: return softmax_rows_of<4>(p, rows, N);
+    case 8: return softmax_rows_of<8>(p, rows, N);
+    case 16: return softmax_rows_of<16>(p, rows, N);
+    default: return softmax_rows_of<0>(p, rows, N);
   }
 }
 
 // grad_logits = P (grad_P - <grad_P, P>) per row, in place of grad_P.
-inline void softmax_rows_backward(const float* p, float* grad, int64_t rows, int64_t N) {
+template <int NC>
+void softmax_rows_backward_of(const float* p, float* grad, int64_t rows, int64_t n) {
+  const int64_t N = NC ? NC : n;
   for (int64_t r = 0; r < rows; ++r, p += N, grad += N) {
     float dot = 0.f;
     for (int64_t i = 0; i < N; ++i) dot += grad[i] * p[i];
     for (int64_t i = 0; i < N; ++i) grad[i] = p[i] * (grad[i] - dot);
+  }
+}
+
+inline void softmax_rows_backward(const float* p, float* grad, int64_t rows, int64_t N) {
+  switch (N) {
+    case 4: return softmax_rows_backward_of<4>(p, grad, rows, N);
+    case 8: return softmax_rows_backward_of<8>(p, grad, rows, N);
+    case 16: return softmax_rows_backward_of<16>(p, grad, rows, N);
+    default: return softmax_rows_backward_of<0>(p, grad, rows, N);
   }
 }
 

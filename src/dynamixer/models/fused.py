@@ -7,7 +7,7 @@ residual add fused (oneDNN). ``dynamixer.models.reference`` is the plain oracle 
 (outputs 1e-5, gradients 1e-4).
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -435,17 +435,35 @@ class _MixProject(torch.autograd.Function):
         return grad_mix, grad_x, grad_weight, grad_bias, None, None, None
 
 
+class WindowPadding(NamedTuple):
+    """Lines padded to whole windows (:func:`_tiled_window_branches`): the padding must not be mixed in, so the
+    inputs from ``length`` on of the last window of every line get -inf logits. The windows of a line are counted
+    by dimension ``axis`` of the logits ``(K, B, L1, S, N, N)``, in runs of ``windows``."""
+    axis: int
+    windows: int
+    length: int
+
+
+def _mask_padding(logits: torch.Tensor, padding: Optional[WindowPadding]) -> torch.Tensor:
+    """``logits`` with the padding of the last windows masked (in place: only those elements are written)."""
+    if padding is not None:
+        a, shape = padding.axis, logits.shape
+        last = logits.view(*shape[:a], -1, padding.windows, *shape[a + 1:]).select(a + 1, padding.windows - 1)
+        last[..., padding.length:] = float('-inf')
+    return logits
+
+
 def mixing_logits(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.Tensor,
-                  dims: Tuple[int, int, int]) -> torch.Tensor:
+                  dims: Tuple[int, int, int], padding: Optional[WindowPadding] = None) -> torch.Tensor:
     """Generate the mixing matrices' logits, one batched matmul for all branches: ``(K, B, L1, S, N, N)``."""
     L1, S, N = dims
-    return torch.baddbmm(gen_bias, lines, gen_weight).view(lines.shape[0], -1, L1, S, N, N)
+    return _mask_padding(torch.baddbmm(gen_bias, lines, gen_weight).view(lines.shape[0], -1, L1, S, N, N), padding)
 
 
 def softmax_mixing(lines: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.Tensor,
-                   dims: Tuple[int, int, int]) -> torch.Tensor:
+                   dims: Tuple[int, int, int], padding: Optional[WindowPadding] = None) -> torch.Tensor:
     """Generate and normalise: the mixing matrices ``(K, B, L1, S, N, N)``."""
-    return softmax(mixing_logits(lines, gen_weight, gen_bias, dims))
+    return softmax(mixing_logits(lines, gen_weight, gen_bias, dims, padding))
 
 
 class _GenerateMixProject(torch.autograd.Function):
@@ -460,11 +478,11 @@ class _GenerateMixProject(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lines, gen_weight, gen_bias, x, weight, branches: Tuple[bool, ...], dims: Tuple[int, int, int],
-                min_macs: Optional[int], kernels: Kernels):
-        ctx.branches, ctx.dims, ctx.min_macs, ctx.kernels = branches, dims, min_macs, kernels
+                min_macs: Optional[int], kernels: Kernels, padding: Optional[WindowPadding]):
+        ctx.branches, ctx.dims, ctx.min_macs, ctx.kernels, ctx.padding = branches, dims, min_macs, kernels, padding
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(x.device.type)
-        logits = mixing_logits(lines, gen_weight, gen_bias, dims)
+        logits = mixing_logits(lines, gen_weight, gen_bias, dims, padding)
         y = _mixed_tokens(logits, x, branches, kernels, logits=True)
         ctx.save_for_backward(lines, gen_weight, gen_bias, x, weight, y if _keep_mixed_tokens(x) else None)
         return tuple(_project(y, weight, None, logits).unbind(0))
@@ -476,7 +494,7 @@ class _GenerateMixProject(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_lines = grad_gen_weight = grad_gen_bias = None
         with torch.autocast(ctx.device_type if enabled else 'cpu', dtype=dtype, enabled=enabled):
-            logits = mixing_logits(lines, gen_weight, gen_bias, ctx.dims)
+            logits = mixing_logits(lines, gen_weight, gen_bias, ctx.dims, ctx.padding)
             need_mix = need[0] or need[1] or need[2]
             grad_logits, grad_x, grad_weight = _mix_project_backward(
                 grads, logits, x, weight, ctx.branches, need_mix, need[3], need[4], ctx.min_macs, ctx.kernels, mixed,
@@ -489,15 +507,16 @@ class _GenerateMixProject(torch.autograd.Function):
                     grad_gen_weight = _weight_grad(lines.to(grad_logits.dtype), grad_logits)
                 if need[2]:
                     grad_gen_bias = grad_logits.sum(1, keepdim=True)
-        return grad_lines, grad_gen_weight, grad_gen_bias, grad_x, grad_weight, None, None, None, None
+        return grad_lines, grad_gen_weight, grad_gen_bias, grad_x, grad_weight, None, None, None, None, None
 
 
-def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, fast: FastPath):
+def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, fast: FastPath,
+                         padding: Optional[WindowPadding] = None):
     """:class:`_GenerateMixProject` when gradients are needed, else its forward directly: one output per branch."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, gen_weight, gen_bias, x, weight)):
         return _GenerateMixProject.apply(lines, gen_weight, gen_bias, x, weight, branches, dims, _min_macs(fast),
-                                         _kernels(fast))
-    return tuple(_mix_project_forward(mixing_logits(lines, gen_weight, gen_bias, dims), x, weight, None,
+                                         _kernels(fast), padding)
+    return tuple(_mix_project_forward(mixing_logits(lines, gen_weight, gen_bias, dims, padding), x, weight, None,
                                       branches, _kernels(fast), logits=True).unbind(0))
 
 
@@ -505,20 +524,16 @@ def generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims,
 # the token mixer's fast path: rows and columns as batched ops on the NHWC map (DynaMixerTokenMixer.fusable)
 
 
-def generator_inputs(mixer, x: torch.Tensor, branches: Tuple[bool, ...]):
+def generator_inputs(mixer, x: torch.Tensor, branches: Tuple[bool, ...], z: Optional[torch.Tensor] = None):
     """What the generate layers of the given branches (False: rows, True: columns; lines all of one
     length N) read, on a map of the built size: ``(lines (K, R, in), weight (K, in, out), bias (K, 1, out),
     (L1, S, N))``. The compress layers run as one matmul on the NHWC map (once when rows and columns
-    share it)."""
+    share it), unless their output ``z`` is given (laid out as ``x``)."""
     ops = [mixer.column_op if columns else mixer.row_mix for columns in branches]
     S, d = ops[0].num_segments, ops[0].reduced_dim
     unique = list({id(op): op for op in ops}.values())
-    if len(unique) == 1:
-        z = linear(x, unique[0].compress.weight, unique[0].compress.bias, mixer.fast_path)
-    else:
-        weight = torch.cat([op.compress.weight for op in unique])
-        bias = torch.cat([op.compress.bias for op in unique])
-        z = linear(x, weight, bias, mixer.fast_path)
+    if z is None:
+        z = _compressed(mixer, x, unique)
     z = z.unflatten(-1, (len(unique), S, d))  # (B, H, W, ops, S, d)
     lines = [z[..., unique.index(op), :, :] for op in ops]
     lines = [z_.permute(0, 2, 3, 1, 4) if columns else z_.permute(0, 1, 3, 2, 4)  # (B, L1, S, N, d)
@@ -534,15 +549,26 @@ def generator_inputs(mixer, x: torch.Tensor, branches: Tuple[bool, ...]):
     return lines, weight, bias, (L1, S, N)
 
 
-def branch_mixing(mixer, x: torch.Tensor, branches: Tuple[bool, ...]) -> torch.Tensor:
-    """Mixing matrices ``(K, B, L1, S, N, N)`` of the given branches on a map of the built size."""
+def _compressed(mixer, x: torch.Tensor, ops) -> torch.Tensor:
+    """The compress layers of ``ops`` on the map ``x``, as one matmul: ``(..., len(ops) * S * d)``."""
+    if len(ops) == 1:
+        return linear(x, ops[0].compress.weight, ops[0].compress.bias, mixer.fast_path)
+    weight = torch.cat([op.compress.weight for op in ops])
+    bias = torch.cat([op.compress.bias for op in ops])
+    return linear(x, weight, bias, mixer.fast_path)
+
+
+def branch_mixing(mixer, x: torch.Tensor, branches: Tuple[bool, ...], z: Optional[torch.Tensor] = None,
+                  padding: Optional[WindowPadding] = None) -> torch.Tensor:
+    """Mixing matrices ``(K, B, L1, S, N, N)`` of the given branches on a map of the built size (``z`` and
+    ``padding`` as :func:`_branch_group`'s)."""
     ops = [mixer.column_op if columns else mixer.row_mix for columns in branches]
     if ops[0].compress is None:  # static
         B, H, W, C = x.shape
         mixes = [softmax(op.logits).expand(B, W if columns else H, -1, -1, -1)
                  for op, columns in zip(ops, branches)]
         return torch.stack(mixes) if len(mixes) > 1 else mixes[0].unsqueeze(0)
-    return softmax_mixing(*generator_inputs(mixer, x, branches))
+    return softmax_mixing(*generator_inputs(mixer, x, branches, z), padding)
 
 
 def _compiler_mixing(op, z: Optional[torch.Tensor], columns: bool) -> torch.Tensor:
@@ -624,36 +650,69 @@ def _fused_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
     return outs[0], outs[1], row.proj.bias, col.proj.bias
 
 
-def _branch_group(mixer, x: torch.Tensor, branches: Tuple[bool, ...]) -> Tuple[torch.Tensor, ...]:
+def _branch_group(mixer, x: torch.Tensor, branches: Tuple[bool, ...], z: Optional[torch.Tensor] = None,
+                  padding: Optional[WindowPadding] = None) -> Tuple[torch.Tensor, ...]:
     """The given branches (False: rows, True: columns) of a map whose lines have the ops' built lengths, mixed
-    and projected without their biases: one ``(B, L1, N, C)`` output per branch."""
+    and projected without their biases: one ``(B, L1, N, C)`` output per branch. ``z``: the compress layers'
+    output if already computed (:func:`generator_inputs`); ``padding``: the lines' padding, to be masked."""
     ops = [mixer.column_op if columns else mixer.row_mix for columns in branches]
     weight = torch.stack([op.proj.weight for op in ops]) if len(ops) > 1 else ops[0].proj.weight[None]
     if ops[0].compress is None or not mixer.fast_path.recompute_mixing:  # static: expanded matrices are free
-        return mix_project(branch_mixing(mixer, x, branches), x, weight, None, branches, mixer.fast_path)
-    lines, gen_weight, gen_bias, dims = generator_inputs(mixer, x, branches)
-    return generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, mixer.fast_path)
+        return mix_project(branch_mixing(mixer, x, branches, z, padding), x, weight, None, branches,
+                           mixer.fast_path)
+    lines, gen_weight, gen_bias, dims = generator_inputs(mixer, x, branches, z)
+    return generate_mix_project(lines, gen_weight, gen_bias, x, weight, branches, dims, mixer.fast_path, padding)
 
 
 def _tiled_by_windows(mixer, x: torch.Tensor) -> bool:
-    """Eager, windowed, and every row and column a whole number (> 1) of windows: no window needs padding."""
+    """Eager, windowed, and not a map of exactly one window: every row and column cut into windows of the built
+    length, the last ones padded where a side is not a multiple of it (generated matrices only: a static one
+    would need renormalising per window)."""
     H, W = x.shape[1:3]
     N = mixer.row_mix.seq_len
     return (mixer.dynamic_size and mixer.column_op.seq_len == N and isinstance(H, int) and isinstance(W, int)
-            and H % N == 0 and W % N == 0 and (H, W) != (N, N) and not torch.compiler.is_compiling())
+            and (H, W) != (N, N) and not torch.compiler.is_compiling()
+            and (mixer.row_mix.compress is not None or (H % N == 0 and W % N == 0)))
+
+
+def _window_padding(length: int, N: int, axis: int) -> Optional[WindowPadding]:
+    """How lines of ``length`` tokens are padded to windows of ``N`` (None: they are not)."""
+    pad = -length % N
+    return WindowPadding(axis, (length + pad) // N, N - pad) if pad else None
+
+
+def _padded(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` padded with zeros to ``size`` along ``dim`` (1: H, 2: W of an NHWC map)."""
+    if x.shape[dim] == size:
+        return x
+    return torch.nn.functional.pad(x, (0, 0) * (3 - dim) + (0, size - x.shape[dim]))
 
 
 def _tiled_window_branches(mixer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                                               Optional[torch.Tensor]]:
-    """Row and column branches of a map tiled by whole windows, through the fused ops: the windows of the rows
-    are the rows of ``x.view(B, H * W / N, N, C)`` and those of the columns the columns of
-    ``x.view(B * H / N, N, W, C)`` (both free views), maps whose lines have the built length."""
+    """Row and column branches of a map cut into windows, through the fused ops: the windows of the rows are the
+    rows of ``x.view(B, H * W / N, N, C)`` and those of the columns the columns of ``x.view(B * H / N, N, W, C)``
+    (both free views), maps whose lines have the built length. A side that is not a multiple of N is padded
+    first (rows and columns each only along their own lines) and the padding masked as :meth:`mix_lines` does:
+    the compress layers run once on the map, and their output is padded with zeros (padding generates
+    nothing)."""
     B, H, W, C = x.shape
     N = mixer.row_mix.seq_len
-    rows, = _branch_group(mixer, x.view(B, H * (W // N), N, C), (False,))
-    cols, = _branch_group(mixer, x.view(B * (H // N), N, W, C), (True,))  # (B * H / N, W, N, C)
-    cols = cols.view(B, H // N, W, N, C).permute(0, 2, 1, 3, 4).reshape(B, W, H, C)
-    return rows.reshape(B, H, W, C), cols, mixer.row_mix.proj.bias, mixer.column_op.proj.bias
+    row, col = mixer.row_mix, mixer.column_op
+    Hp, Wp = H + (-H % N), W + (-W % N)
+    z_row = z_col = None
+    if row.compress is not None:
+        z_row = z_col = _compressed(mixer, x, [row] if col is row else [row, col])
+        if col is not row:
+            z_row, z_col = z_row.chunk(2, dim=-1)
+        z_row = _padded(z_row, 2, Wp).reshape(B, H * (Wp // N), N, -1)
+        z_col = _padded(z_col, 1, Hp).reshape(B * (Hp // N), N, W, -1)
+    rows, = _branch_group(mixer, _padded(x, 2, Wp).view(B, H * (Wp // N), N, C), (False,), z_row,
+                          _window_padding(W, N, axis=2))
+    cols, = _branch_group(mixer, _padded(x, 1, Hp).view(B * (Hp // N), N, W, C), (True,), z_col,
+                          _window_padding(H, N, axis=1))  # (B * Hp / N, W, N, C)
+    cols = cols.view(B, Hp // N, W, N, C).permute(0, 2, 1, 3, 4).reshape(B, W, Hp, C)
+    return rows.view(B, H, Wp, C)[:, :, :W], cols[:, :, :H], row.proj.bias, col.proj.bias
 
 
 def fuse_branches(mixer, x: torch.Tensor) -> torch.Tensor:
