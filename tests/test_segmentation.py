@@ -314,3 +314,17 @@ def test_the_shipped_camvid_segmenter_loads_offline_and_masks_any_size(tmp_path,
     assert mask.size == (400, 300) and np.asarray(mask).max() < 11
     code, stdout, _ = _cli(capsys, 'list', '--no-macs')
     assert code == 0 and SHIPPED in stdout
+
+
+def test_eval_of_a_shipped_model_writes_its_plot_in_the_working_directory_not_the_package(tmp_path, capsys,
+                                                                                        monkeypatch):
+    from dynamixer.model_dir import label_names, load_model_dir, shipped_folders
+    data = make_seg_folder(tmp_path / 'camvid', train=1, val=2, size=(40, 56))
+    (data / 'classes.txt').write_text('\n'.join(label_names(load_model_dir(SHIPPED))) + '\n')
+    package_files = sorted(p.name for p in shipped_folders()[SHIPPED].parent.rglob('*'))
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = _cli(capsys, 'eval', '--model', SHIPPED, '--data', str(data), '--json')
+    assert code == 0, err
+    png = Path(json.loads(stdout)['confusion_png'])
+    assert png.resolve().parent == tmp_path.resolve() and png.read_bytes()[:4] == b'\x89PNG'
+    assert sorted(p.name for p in shipped_folders()[SHIPPED].parent.rglob('*')) == package_files

@@ -102,7 +102,8 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workers', type=number(int, at_least=0), default=2, help='data loader worker processes')
     parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument('--confusion', default=None,
-                        help='where to write the confusion-matrix PNG (default: confusion.png in the training run)')
+                        help='where to write the confusion-matrix PNG (default: confusion.png in the training run; '
+                             'confusion-NAME.png in the working directory for a shipped model)')
     from dynamixer.settings import TTA_MODES
     parser.add_argument('--tta', default='none', choices=TTA_MODES,
                         help="test-time augmentation: 'flip' averages the logits of each image and its mirror "

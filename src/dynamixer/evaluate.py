@@ -151,7 +151,12 @@ def _evaluate_classifier(model: nn.Module, args, device: torch.device) -> None:
 
 
 def confusion_path(args) -> str:
-    """--confusion, else beside the model: the run folder holds the plot, whether the run or its model/ is given."""
-    from dynamixer.model_dir import model_folder
+    """--confusion, else beside the model: the run folder holds the plot, whether the run or its model/ is given.
+    A shipped model's folder is inside the installed package, so its plot goes to the working directory instead."""
+    from dynamixer.model_dir import SHIPPED_DIR, model_folder
+    if args.confusion:
+        return args.confusion
     folder = model_folder(args.model_dir)
-    return args.confusion or str(folder.parent / 'confusion.png' if folder else f'confusion-{args.model_dir}.png')
+    if folder is None or folder.resolve().is_relative_to(SHIPPED_DIR.resolve()):
+        return f'confusion-{args.model_dir}.png'
+    return str(folder.parent / 'confusion.png')
