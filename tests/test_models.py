@@ -5,10 +5,12 @@ The timm API checks mirror timm's own tests/test_models.py.
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynamixer
+from dynamixer.models.reference import reference_model
 from dynamixer.convert import convert_official_state_dict, resample_op_state
 from dynamixer.models import DynaMixer
 
@@ -897,3 +899,34 @@ def test_torch_export_with_dynamic_height_and_width(name, kwargs, sizes):
         x = torch.randn(3, 3, *size)
         with torch.no_grad():
             assert (program.module()(x) - model(x)).abs().max() <= 1e-4, size
+
+
+@pytest.mark.parametrize('size', [(32, 32), (35, 22)])
+def test_strided_convs_run_as_linears_with_the_convs_values_and_gradients(size):
+    """The patch stem and the downsampling are convs whose kernel is their stride; the fast path runs them as one
+    linear over each patch's pixels (no convolution for inductor's layout optimisation to act on). Same values
+    and gradients as the conv, edge pixels that fill no patch dropped alike; a hooked conv is called."""
+    from dynamixer.models.dynamixer import patch_linear
+    torch.manual_seed(0)
+    for channels_last, stride, (cin, cout) in [(False, 4, (3, 24)), (True, 2, (24, 48)), (True, 1, (24, 32))]:
+        conv = nn.Conv2d(cin, cout, stride, stride)
+        x = torch.randn(2, cin, *size, requires_grad=True)
+        expected = conv(x).permute(0, 2, 3, 1)
+        grad = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, (x, conv.weight, conv.bias), grad)
+        inp = x.permute(0, 2, 3, 1) if channels_last else x
+        out = patch_linear(conv, inp, channels_last=channels_last)
+        assert out.is_contiguous() and out.shape == expected.shape
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        for got, want in zip(torch.autograd.grad(out, (x, conv.weight, conv.bias), grad), expected_grads):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    model = timm.create_model('dynamixer_cifar_t', patch_size=4, depths=(1, 1), embed_dims=(24, 48), stem='patch',
+                              stage_strides=(1, 2), num_segments=(4, 8), num_classes=10)
+    ref = reference_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+    calls = []
+    for conv in (model.stem.proj, model.stages[1].downsample.proj):
+        conv.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    model(x)
+    assert calls == ['Conv2d', 'Conv2d']

@@ -42,7 +42,7 @@ from dynamixer.models.fused import (
     linear_gelu, mix_project, onednn_fp32, onednn_inference, softmax)
 
 __all__ = ['DynaMixer', 'DynaMixerOp', 'DynaMixerTokenMixer', 'MixerLayer', 'FastPath', 'GENERATION_STRATEGIES',
-           'FUSIONS', 'TOKEN_MIXERS', 'COMPILE_OPTIONS', 'compile_model']
+           'FUSIONS', 'TOKEN_MIXERS', 'compile_model', 'patch_linear']
 
 GENERATION_STRATEGIES = ('dynamic', 'static', 'dense')
 FUSIONS = ('reweight', 'sum')
@@ -372,12 +372,18 @@ class Stem(nn.Module):
     """Non-overlapping patch embedding to an NHWC map; edge pixels that do not fill a patch are dropped, as a
     strided conv does (timm's PatchEmbed insists on divisible sizes, which any-size inputs cannot promise)."""
 
+    __jit_ignored_attributes__ = ['fast_path']  # scripted modules run the conv
+
     def __init__(self, in_chans: int, dim: int, patch_size: int, device=None, dtype=None):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype)
+        self.fast_path = FastPath()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.fast_path.enabled and _as_linear(self.proj, x):
+                return patch_linear(self.proj, x, channels_last=False)
         return self.proj(x).permute(0, 2, 3, 1).contiguous()  # see Downsample.forward
 
 
@@ -428,6 +434,31 @@ class ConvStem(nn.Module):
         return self.convs(x).permute(0, 2, 3, 1).contiguous()  # see Downsample
 
 
+def _as_linear(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``patch_linear`` may read this conv's weights instead of calling it (as ``_plain`` for linears);
+    FX tracing and torch.export get the conv (its crop of edge pixels needs no size check there)."""
+    return (type(conv) is nn.Conv2d and not conv._parameters.keys() - {'weight', 'bias'} and not _hooked((conv,))
+            and not _traced(x) and not torch.compiler.is_exporting())
+
+
+def patch_linear(conv: nn.Conv2d, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``conv`` (kernel = stride, no padding) as one linear over each patch's pixels, to a contiguous NHWC map;
+    ``x`` is NHWC if ``channels_last``, else NCHW. Same values as the conv, and no convolution in the graph:
+    inductor's layout optimisation stores every 4-D tensor upstream of a graph's last convolution channels-last,
+    which for our NHWC token maps means strided LayerNorms, adds and mixing in every block before it, so a bare
+    ``torch.compile(model)`` is as fast as ``compile_model``. On CPUs the linear is also the faster kernel."""
+    s = conv.stride[0]
+    if channels_last:
+        B, H, W, C = x.shape[0], x.shape[1] // s, x.shape[2] // s, x.shape[3]
+        patches = x[:, :H * s, :W * s].reshape(B, H, s, W, s, C).transpose(2, 3).reshape(B, H, W, s * s * C)
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, s * s * C)
+    else:
+        B, C, H, W = x.shape[0], x.shape[1], x.shape[2] // s, x.shape[3] // s
+        patches = x[:, :, :H * s, :W * s].reshape(B, C, H, s, W, s).permute(0, 2, 4, 1, 3, 5).reshape(B, H, W, -1)
+        weight = conv.weight.reshape(conv.out_channels, C * s * s)
+    return F.linear(patches, weight, conv.bias)
+
+
 @register_notrace_function  # a size check, which FX cannot trace: kept whole in traced graphs
 def check_downsample(x: torch.Tensor, stride: int) -> torch.Tensor:
     if x.shape[1] < stride or x.shape[2] < stride:
@@ -440,13 +471,19 @@ class Downsample(nn.Module):
     """Strided conv between stages, on NHWC maps (stride 2 to halve the grid, 1 to change width only)."""
     stride: Final[int]
 
+    __jit_ignored_attributes__ = ['fast_path']  # scripted modules run the conv
+
     def __init__(self, in_dim: int, out_dim: int, stride: int, device=None, dtype=None):
         super().__init__()
         self.stride = stride
         self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=stride, stride=stride, device=device, dtype=dtype)
+        self.fast_path = FastPath()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_downsample(x, self.stride)
+        if not torch.jit.is_scripting():
+            if self.fast_path.enabled and _as_linear(self.proj, x):
+                return patch_linear(self.proj, x, channels_last=True)
         # the blocks get a contiguous NHWC map (a no-op when the conv wrote channels-last): a permuted view would
         # be copied by every LayerNorm, forward and backward, and slow every elementwise op of the stage
         return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
@@ -780,17 +817,11 @@ class DynaMixer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# inductor's layout optimisation (on for graphs with convolutions) stores 4-D activations channels-last, reading
-# our (B, H, W, C) maps as NCHW: every LayerNorm and residual add of the blocks then works on strided memory
-COMPILE_OPTIONS: Dict[str, Any] = {'layout_optimization': False}
-
-
 def compile_model(model: nn.Module, **kwargs) -> nn.Module:
-    """``torch.compile(model, **kwargs)`` with ``COMPILE_OPTIONS`` for inductor (the default backend); options
-    given in ``kwargs`` win, and a ``mode`` goes through alone (torch.compile takes a mode or options, not both).
-    Scoped to this model's compilation: no process-wide setting changes."""
-    if kwargs.get('backend', 'inductor') == 'inductor' and kwargs.get('mode') is None:
-        kwargs['options'] = {**COMPILE_OPTIONS, **(kwargs.get('options') or {})}
+    """``torch.compile(model, **kwargs)``: kept as an alias. The model needs no compile option: its strided convs
+    between stages run as linears (``patch_linear``), so inductor's layout optimisation, which stores every 4-D
+    tensor upstream of a graph's last convolution channels-last, reaches the conv stem only, never the blocks'
+    (B, H, W, C) maps."""
     return torch.compile(model, **kwargs)
 
 
