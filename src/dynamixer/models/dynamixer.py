@@ -445,8 +445,7 @@ def patch_linear(conv: nn.Conv2d, x: torch.Tensor, channels_last: bool) -> torch
     """``conv`` (kernel = stride, no padding) as one linear over each patch's pixels, to a contiguous NHWC map;
     ``x`` is NHWC if ``channels_last``, else NCHW. Same values as the conv, and no convolution in the graph:
     inductor's layout optimisation stores every 4-D tensor upstream of a graph's last convolution channels-last,
-    which for our NHWC token maps means strided LayerNorms, adds and mixing in every block before it, so a bare
-    ``torch.compile(model)`` is as fast as ``compile_model``. On CPUs the linear is also the faster kernel."""
+    which for our NHWC token maps would mean strided LayerNorms, adds and mixing in every block before it."""
     s = conv.stride[0]
     if channels_last:
         B, H, W, C = x.shape[0], x.shape[1] // s, x.shape[2] // s, x.shape[3]
