@@ -304,5 +304,3 @@ def test_compile_model_is_torch_compile(monkeypatch):
     assert compile_model(model) is model
     compile_model(model, mode='max-autotune', dynamic=False)
     assert seen == [{}, {'mode': 'max-autotune', 'dynamic': False}]
-
-
