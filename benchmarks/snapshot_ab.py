@@ -1,17 +1,21 @@
 """The CIFAR recipe's training step, this checkout against an earlier commit of the package, in one process.
 
     python benchmarks/snapshot_ab.py --base f70c7af
+    python benchmarks/snapshot_ab.py --base f70c7af --model dynamixer_cifar_t --model-args \
+        '{"patch_size": 4, "depths": [2, 4], "embed_dims": [96, 192], "stage_strides": [1, 2], "num_segments": [4, 8]}'
 
 The earlier commit is exported with ``git archive`` and imported as a second package (``dynamixer_base``, its C++
 ops under their own namespace), so both run side by side with the same weights, steps interleaved. Each side
-trains as ``dynamixer train --recipe cifar`` does: ``dynamixer_cifar_xs`` (drop path 0.05), batch 128 of 32 x 32
-images, bf16 autocast (``--precision``), cross-entropy with 0.1 label smoothing, fused AdamW, and the side's own
-compiled model: the base's ``compile_model`` when it has one (what its ``train --compile`` used), this checkout's
-plain ``torch.compile``. Data loading and augmentation are left out (the same code on both sides).
+trains as ``dynamixer train --recipe cifar`` does: ``dynamixer_cifar_xs`` (drop path 0.05; ``--model`` and
+``--model-args`` for another variant or shape), batch 128 of 32 x 32 images, bf16 autocast (``--precision``),
+cross-entropy with 0.1 label smoothing, fused AdamW, and the side's own compiled model: the base's
+``compile_model`` when it has one (what its ``train --compile`` used), this checkout's plain ``torch.compile``.
+Data loading and augmentation are left out (the same code on both sides).
 """
 import argparse
 import copy
 import importlib
+import json
 import re
 import statistics
 import subprocess
@@ -74,6 +78,9 @@ def make_step(model, compiler, precision, batch):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--base', required=True, help='the earlier commit (any git revision)')
+    parser.add_argument('--model', default='dynamixer_cifar_xs', help='variant, built by both packages')
+    parser.add_argument('--model-args', default='{}', type=json.loads,
+                        help='JSON constructor overrides for both sides, e.g. the official small shape')
     parser.add_argument('--precision', default='bf16', choices=['bf16', 'fp32'])
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--threads', type=int, default=2)
@@ -87,9 +94,9 @@ def main() -> None:
     import dynamixer.models as ours
     with tempfile.TemporaryDirectory() as tmp:
         base = import_base(export_base(args.base, Path(tmp)))
-        model_args = dict(num_classes=10, drop_path_rate=0.05)
-        new = ours.dynamixer.dynamixer_cifar_xs(**model_args)
-        old = base.dynamixer.dynamixer_cifar_xs(**model_args)
+        model_args = {'num_classes': 10, 'drop_path_rate': 0.05, **args.model_args}
+        new = getattr(ours.dynamixer, args.model)(**model_args)
+        old = getattr(base.dynamixer, args.model)(**model_args)
         old.load_state_dict(copy.deepcopy(new.state_dict()))
         batch = (torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,)))
         base_compiler = getattr(base, 'compile_model', torch.compile)
