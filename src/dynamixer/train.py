@@ -251,6 +251,8 @@ def run(args: argparse.Namespace) -> None:
         if master and cfg.overwrite and not cfg.resume:
             clear_run(out)
         Trainer(cfg, out, rank, world, device, ddp, t_start).fit()
+        if ddp:  # no rank closes its connections while another still uses them (gloo then aborts the process)
+            dist.barrier()
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
