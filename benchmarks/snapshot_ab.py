@@ -94,6 +94,9 @@ def main() -> None:
     import dynamixer.models as ours
     with tempfile.TemporaryDirectory() as tmp:
         base = import_base(export_base(args.base, Path(tmp)))
+        if not (hasattr(ours.dynamixer, args.model) and hasattr(base.dynamixer, args.model)):
+            parser.error(f'--model {args.model}: not a variant of both this checkout and {args.base}; '
+                         f'choose one that both register, e.g. dynamixer_cifar_xs.')
         model_args = {'num_classes': 10, 'drop_path_rate': 0.05, **args.model_args}
         new = getattr(ours.dynamixer, args.model)(**model_args)
         old = getattr(base.dynamixer, args.model)(**model_args)

@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> None:
         if master and cfg.overwrite and not cfg.resume:
             clear_run(out)
         Trainer(cfg, out, rank, world, device, ddp, t_start).fit()
-        if ddp:  # no rank closes its connections while another still uses them (gloo then aborts the process)
+        if ddp:  # no rank tears down gloo's connections while another still finishes (suspected: a rare abort)
             dist.barrier()
     finally:
         if ddp and dist.is_initialized():
