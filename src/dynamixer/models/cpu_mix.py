@@ -164,7 +164,35 @@ def _register() -> None:
         return grad_mix, grad_x, None
 
     torch.library.register_autograd('dynamixer_cpu::mix_lines', backward, setup_context=setup_context)
+    _register_batch_norm_gelu()
     _register_flops()
+
+
+def _register_batch_norm_gelu() -> None:
+    """``batch_norm_gelu(y, weight, bias, eps) -> (gelu(batch_norm(y)), mean, invstd)`` for a contiguous map ``y``
+    with channels last (the conv stem's, models/cpu_stem.py): shapes for the compiler and the gradient of y,
+    weight and bias (mean and invstd are statistics, not differentiated)."""
+    @torch.library.register_fake('dynamixer_cpu::batch_norm_gelu')
+    def _forward_fake(y, weight, bias, eps):
+        return torch.empty_like(y), weight.new_empty(y.shape[-1]), weight.new_empty(y.shape[-1])
+
+    @torch.library.register_fake('dynamixer_cpu::batch_norm_gelu_backward')
+    def _backward_fake(grad, y, mean, invstd, weight, bias):
+        return torch.empty_like(y), torch.empty_like(weight), torch.empty_like(weight)
+
+    def setup_context(ctx, inputs, output):
+        y, weight, bias, _ = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(y, mean, invstd, weight, bias)
+        ctx.mark_non_differentiable(mean, invstd)
+
+    def backward(ctx, grad, *statistics):
+        y, mean, invstd, weight, bias = ctx.saved_tensors
+        grad_y, grad_weight, grad_bias = torch.ops.dynamixer_cpu.batch_norm_gelu_backward(
+            grad.contiguous(), y, mean, invstd, weight, bias)
+        return grad_y, grad_weight, grad_bias, None
+
+    torch.library.register_autograd('dynamixer_cpu::batch_norm_gelu', backward, setup_context=setup_context)
 
 
 def _register_flops() -> None:
