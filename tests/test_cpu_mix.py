@@ -263,17 +263,19 @@ def _channels_last_nodes(monkeypatch) -> list:
     return recorded
 
 
-@pytest.mark.parametrize('stem', ['patch', 'conv'])
-def test_plain_torch_compile_keeps_the_nhwc_maps_out_of_inductors_channels_last_layout(monkeypatch, stem):
+@pytest.mark.parametrize('stem,stem_ops', [('patch', True), ('conv', True), ('conv', False)])
+def test_plain_torch_compile_keeps_the_nhwc_maps_out_of_inductors_channels_last_layout(monkeypatch, stem, stem_ops):
     """Inductor's layout optimisation (on for graphs with convolutions) stores every 4-D tensor upstream of a
     graph's last convolution channels-last: for our (B, H, W, C) maps that puts H innermost and C strided under
     every LayerNorm. The strided convs between stages run as linears, so a bare torch.compile reaches the conv
-    stem at most: no LayerNorm, mixing or residual add of the blocks is laid out channels-last, forward or
-    backward, and the outputs are the eager ones."""
+    stem at most (its modules; as opaque ops, cpu_stem, no convolution is left in the graphs): no LayerNorm,
+    mixing or residual add of the blocks is laid out channels-last, forward or backward, and the outputs are the
+    eager ones."""
     recorded = _channels_last_nodes(monkeypatch)
     torch.manual_seed(0)
     model = timm.create_model('dynamixer_cifar_t', patch_size=4, depths=(1, 1), embed_dims=(48, 96), stem=stem,
                               stage_strides=(1, 2), num_segments=(4, 8), num_classes=10)
+    model.set_fast_path(cpu_stem_ops=stem_ops)
     x = torch.randn(2, 3, 32, 32)
     expected = model(x)
     expected.sum().backward()
@@ -285,7 +287,7 @@ def test_plain_torch_compile_keeps_the_nhwc_maps_out_of_inductors_channels_last_
             enable_autograd_cache=False):
         out = torch.compile(model)(x)
         out.sum().backward()
-    if stem == 'patch':
+    if stem == 'patch' or stem_ops:
         assert recorded == []  # no convolution in the graphs: inductor keeps the eager layouts
     else:
         assert recorded and all(recorded), recorded  # the conv stem is laid out channels-last ...

@@ -35,6 +35,7 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 from timm.models._helpers import load_state_dict
 from timm.models._manipulate import checkpoint_seq
 
+from dynamixer.models import cpu_stem
 from dynamixer.models.state_dict import adapt_state_dict
 from dynamixer.models.vip import PermuteMixer, branch_means, reweight_branches
 from dynamixer.models.fused import (
@@ -51,11 +52,14 @@ STEMS = ('patch', 'conv', 'conv_strided')
 
 
 def _hooked(modules) -> bool:
-    """Whether forward hooks sit on any of ``modules`` or globally: a shortcut that bypasses a module's call must
-    not skip its hooks (e.g. ``dynamixer visualize`` hooks the token mixer), so callers then run the modules."""
-    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+    """Whether forward or backward hooks sit on any of ``modules`` or globally: a shortcut that bypasses a
+    module's call must not skip its hooks (e.g. ``dynamixer visualize`` hooks the token mixer), so callers then
+    run the modules."""
+    if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+            or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
 
 
 def _plain(linears) -> bool:
@@ -399,6 +403,8 @@ class ConvStem(nn.Module):
 
     patch_size: Final[int]
 
+    __jit_ignored_attributes__ = ['fast_path']  # scripted modules run the modules
+
     def __init__(self, in_chans: int, dim: int, patch_size: int, act_layer: Type[nn.Module] = nn.GELU,
                  full_resolution: bool = True, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
@@ -420,6 +426,7 @@ class ConvStem(nn.Module):
             in_dim = width
         layers.append(nn.Conv2d(in_dim, dim, 3, 2 if num_down else 1, 1, **dd))
         self.convs = nn.Sequential(*layers)
+        self.fast_path = FastPath()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
@@ -431,7 +438,18 @@ class ConvStem(nn.Module):
             x = F.pad(x, [0, W // p * p - W, 0, H // p * p - H])
         else:
             x = x[..., :H // p * p, :W // p * p]
+        if not torch.jit.is_scripting():
+            if not exporting and self._layers_as_ops(x):
+                return cpu_stem.conv_stem(self.convs, x, autocast_dtype(x))
         return self.convs(x).permute(0, 2, 3, 1).contiguous()  # see Downsample
+
+    def _layers_as_ops(self, x: torch.Tensor) -> bool:
+        """CPU training in fp32 or bf16: the layers as opaque kernels on one channels-last layout
+        (models/cpu_stem.py), where they are exactly the torch modules ConvStem builds and nothing hooks them."""
+        fast = self.fast_path
+        return (fast.enabled and fast.cpu_stem_ops and fast.cpu_kernels and self.training and not _traced(x)
+                and x.device.type == 'cpu' and (autocast_dtype(x) or x.dtype) in (torch.float32, torch.bfloat16)
+                and cpu_stem.supported(self.convs) and not _hooked([self.convs, *self.convs]))
 
 
 def _as_linear(conv: nn.Module, x: torch.Tensor) -> bool:

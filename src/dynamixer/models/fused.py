@@ -35,6 +35,7 @@ class FastPath:
     triton: bool = True  # CUDA: the Triton kernels for the mixing matmul and its backward
     cpu_kernels: bool = True  # CPU: the C++ kernels for the mixing and its backward (cpu_mix), where they build
     compiler_mixing_max_len: int = 8  # CPU training under torch.compile: lines up to this long mixed as plain ops
+    cpu_stem_ops: bool = True  # CPU training: a conv stem's layers as opaque kernels on one layout (cpu_stem)
 
 
 def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
